@@ -1,0 +1,130 @@
+"""EXAONE 4.0 decoder: post-norm layers (no pre-norm), QK-norm, GQA, hybrid attention where sliding
+layers use RoPE and global layers use no positional encoding (NoPE); and the multi-token-prediction
+(MTP) module laid out as the released checkpoint stores it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import MaskSpec, attention
+from .config import SLIDING, TextConfig
+from .layers import GatedMLP, RMSNorm, apply_rope
+
+
+class KVCache:
+    """Per-layer keys/values for generation, addressed by slot (the token's index in its row).
+
+    Before each step the caller sets `slots` and `valid` ([B, L_new]) of the tokens being fed.
+    Sliding layers keep only their last window - 1 slots, since nothing further back is ever
+    attended to again; global layers keep everything.
+    """
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.slots: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
+
+    def update(self, layer: int, k, v, window: Optional[int]):
+        slots, valid = self.slots, self.valid
+        if layer in self.layers:
+            pk, pv, ps, pval = self.layers[layer]
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            slots, valid = torch.cat([ps, slots], 1), torch.cat([pval, valid], 1)
+        keep = k.shape[2] if window is None else max(window - 1, 0)
+        start = max(k.shape[2] - keep, 0)
+        self.layers[layer] = (k[:, :, start:], v[:, :, start:], slots[:, start:], valid[:, start:])
+        zeros_q, zeros_k = torch.zeros_like(self.slots), torch.zeros_like(slots)
+        return k, v, MaskSpec(self.slots, slots, zeros_q, zeros_k, causal=True, k_valid=valid)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_type: str, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sliding = layer_type == SLIDING and cfg.sliding_window is not None
+        self.window = cfg.sliding_window if self.sliding else None
+        # transformers applies RoPE on sliding layers only, or on all layers when no window is set.
+        self.use_rope = self.sliding or cfg.sliding_window is None
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.attn_impl = "sdpa"
+        # Context parallelism replaces this with a function that gathers keys/values across ranks.
+        self.attention_fn = attention
+
+    def forward(self, x, rope, spec: Optional[MaskSpec], cache: Optional[KVCache] = None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, spec = cache.update(self.layer_id, k, v, self.window)
+        out = self.attention_fn(q, k, v, spec, scale=self.head_dim**-0.5, window=self.window, impl=self.attn_impl)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_type: str, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_type, layer_id)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x, rope, spec: MaskSpec, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(x, rope, spec, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers, final norm (the LM head lives on the full model)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.layer_types[i], i) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, h, rope, spec: MaskSpec, cache=None):
+        for layer in self.layers:
+            h = layer(h, rope, spec, cache)
+        return self.norm(h)
+
+
+class MTP(nn.Module):
+    """Multi-token prediction: from the trunk's hidden state at t and the embedding of token t+1,
+    one more decoder layer predicts token t+2 through the shared LM head.
+
+    fc(concat(pre_fc_norm_embedding(embed(x[t+1])), pre_fc_norm_hidden(h[t]))) -> layers -> norm.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.pre_fc_norm_embedding = RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(h, eps=cfg.rms_norm_eps)
+        first = cfg.num_hidden_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.layer_types[first + i], first + i) for i in range(cfg.num_nextn_predict_layers)
+        )
+        self.norm = RMSNorm(h, eps=cfg.rms_norm_eps)
+
+    def forward(self, hidden, next_embeds, rope, spec: MaskSpec, cache=None):
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
+        for layer in self.layers:
+            x = layer(x, rope, spec, cache)
+        return self.norm(x)

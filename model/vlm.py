@@ -1,0 +1,176 @@
+"""EXAONE 4.5: vision features scattered into the text embeddings, the decoder, the LM head, MTP, and
+the training losses (next-token cross-entropy plus weighted MTP cross-entropy, both computed in
+chunks over the label tokens so the full [tokens x vocab] logits never exist at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MaskSpec, doc_ids_from_cu_seqlens
+from .config import ModelConfig
+from .layers import RMSNorm, text_inv_freq, text_rope
+from .text import MTP, TextModel
+from .vision import VisionModel
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[torch.Tensor] = None  # lm_loss + mtp_loss_weight * mtp_loss (means over label tokens)
+    logits: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    mtp_loss: Optional[torch.Tensor] = None
+    # Sums and counts, for normalizing across micro-batches and ranks by real label tokens.
+    lm_loss_sum: Optional[torch.Tensor] = None
+    lm_tokens: int = 0
+    mtp_loss_sum: Optional[torch.Tensor] = None
+    mtp_tokens: int = 0
+    token_loss: Optional[torch.Tensor] = None  # [B, L] detached next-token loss (0 where no label)
+    hidden_states: Optional[torch.Tensor] = None
+
+
+def shifted_targets(labels: torch.Tensor, doc: torch.Tensor, k: int) -> torch.Tensor:
+    """targets[t] = labels[t + k] when token t + k is in the same document as t, else -100."""
+    B, L = labels.shape
+    flat_labels, flat_doc = labels.reshape(-1), doc.reshape(-1)
+    out = torch.full_like(flat_labels, -100)
+    if flat_labels.numel() > k:
+        same = flat_doc[k:] == flat_doc[:-k]
+        out[:-k] = torch.where(same, flat_labels[k:], -100)
+    return out.view(B, L)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int):
+    """Sum of cross-entropy over positions with a target, computed chunk by chunk; under autograd
+    each chunk's logits are recomputed in backward rather than kept."""
+    valid = targets.reshape(-1) != -100
+    h, t = hidden.reshape(-1, hidden.shape[-1])[valid], targets.reshape(-1)[valid]
+    per_token = []
+    for i in range(0, h.shape[0], chunk):
+        hc, tc = h[i : i + chunk], t[i : i + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            per_token.append(checkpoint(_ce, hc, head.weight, tc, use_reentrant=False))
+        else:
+            per_token.append(_ce(hc, head.weight, tc))
+    losses = torch.cat(per_token) if per_token else hidden.new_zeros(0)
+    return losses, valid
+
+
+def _ce(h, weight, t):
+    return F.cross_entropy(F.linear(h, weight).float(), t, reduction="none")
+
+
+class Exaone45(nn.Module):
+    """The whole model. State-dict names follow the Hugging Face checkpoint without its `model.`
+    prefix: visual.*, language_model.*, lm_head.*, mtp.*."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        tc = cfg.text_config
+        self.visual = VisionModel(cfg.vision_config)
+        self.language_model = TextModel(tc)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.mtp = MTP(tc) if tc.num_nextn_predict_layers > 0 else None
+        self.set_attn_impl(cfg.attn_impl)
+
+    def set_attn_impl(self, impl: str):
+        for module in self.modules():
+            if hasattr(module, "attn_impl"):
+                module.attn_impl = impl
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, initializer_range) for linears and embeddings, zero biases, unit norms."""
+        std_text, std_vision = self.cfg.text_config.initializer_range, self.cfg.vision_config.initializer_range
+        for name, module in self.named_modules():
+            std = std_vision if name.startswith("visual") else std_text
+            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        h = self.language_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return h
+        features = self.visual(pixel_values, image_grid_thw).to(h.dtype)
+        mask = input_ids == self.cfg.image_token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"image tokens and image features do not match: {int(mask.sum())} tokens, {features.shape[0]} features"
+            )
+        return h.masked_scatter(mask[..., None], features)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        tc = self.cfg.text_config
+        return text_rope(position_ids, text_inv_freq(tc.rope_parameters, tc.head_dim, position_ids.device), dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        return_logits: Optional[bool] = None,
+        mask_spec: Optional[MaskSpec] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """input_ids [B, L]; labels unshifted (HF style, -100 = no loss); cu_seqlens (int32, over the
+        flat B*L tokens) separates packed documents; position_ids default to restarting per document.
+        Context parallelism passes its own mask_spec and doc_ids for the local shard."""
+        B, L = input_ids.shape
+        device = input_ids.device
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, B * L + 1, L, device=device, dtype=torch.int32)
+        if doc_ids is None:
+            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, L)
+        if position_ids is None:
+            flat = torch.arange(B * L, device=device)
+            position_ids = (flat - cu_seqlens.long()[doc_ids.reshape(-1)]).view(B, L)
+        spec = mask_spec if mask_spec is not None else MaskSpec.packed(cu_seqlens, B, L)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        rope = self.rope(position_ids, embeds.dtype)
+        hidden = self.language_model(embeds, rope, spec)
+
+        out = ModelOutput(hidden_states=hidden)
+        if return_logits or (return_logits is None and labels is None):
+            out.logits = self.lm_head(hidden)
+        if labels is None:
+            return out
+
+        chunk = self.cfg.loss_chunk_size
+        targets = shifted_targets(labels, doc_ids, 1)
+        losses, valid = chunked_cross_entropy(hidden, self.lm_head, targets, chunk)
+        out.lm_loss_sum, out.lm_tokens = losses.sum(), int(valid.sum())
+        out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
+        token_loss = torch.zeros(B * L, device=device)
+        token_loss[valid] = losses.detach()
+        out.token_loss = token_loss.view(B, L)
+        out.loss = out.lm_loss
+        if self.mtp is not None and self.cfg.mtp_loss_weight > 0:
+            next_embeds = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], dim=1)
+            mtp_hidden = self.mtp(hidden, next_embeds, rope, spec)
+            mtp_losses, mtp_valid = chunked_cross_entropy(mtp_hidden, self.lm_head, shifted_targets(labels, doc_ids, 2), chunk)
+            out.mtp_loss_sum, out.mtp_tokens = mtp_losses.sum(), int(mtp_valid.sum())
+            out.mtp_loss = out.mtp_loss_sum / max(out.mtp_tokens, 1)
+            out.loss = out.lm_loss + self.cfg.mtp_loss_weight * out.mtp_loss
+        return out
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Exaone45:
+    """Build on the meta device, materialize on `device`, then initialize: the one way every model is made."""
+    with torch.device("meta"):
+        model = Exaone45(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.to(dtype)
