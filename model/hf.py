@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TextConfig, VisionConfig
-from .vlm import Exaone45
+from .vlm import Exaone45, init_module_weights
 
 _TEXT_KEYS = [f for f in TextConfig.__dataclass_fields__ if f != "layer_types"]
 _VISION_KEYS = [f for f in VisionConfig.__dataclass_fields__ if f != "rope_theta"]
@@ -92,10 +93,16 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     state = read_state_dict(path)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
-    if missing:
+    if missing and not all(k.startswith("mtp.") for k in missing):
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
     if unexpected:
         raise ValueError(f"{path}: checkpoint has {len(unexpected)} unknown tensors, e.g. {sorted(unexpected)[:5]}")
+    if missing:
+        # transformers drops mtp.* when it saves: start the MTP module fresh rather than refuse.
+        warnings.warn(f"{path}: no mtp.* weights in the checkpoint; the MTP module starts freshly initialized")
+        model.mtp.to_empty(device="cpu")
+        init_module_weights(model.mtp, cfg.text_config.initializer_range)
+        state.update({f"mtp.{k}": v for k, v in model.mtp.state_dict().items()})
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device)
 

@@ -65,6 +65,17 @@ def _ce(h, weight, t):
     return F.cross_entropy(F.linear(h, weight).float(), t, reduction="none")
 
 
+@torch.no_grad()
+def init_module_weights(root: nn.Module, std: float) -> None:
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
 class Exaone45(nn.Module):
     """The whole model. State-dict names follow the Hugging Face checkpoint without its `model.`
     prefix: visual.*, language_model.*, lm_head.*, mtp.*."""
@@ -84,18 +95,12 @@ class Exaone45(nn.Module):
             if hasattr(module, "attn_impl"):
                 module.attn_impl = impl
 
-    @torch.no_grad()
     def init_weights(self):
         """Normal(0, initializer_range) for linears and embeddings, zero biases, unit norms."""
-        std_text, std_vision = self.cfg.text_config.initializer_range, self.cfg.vision_config.initializer_range
-        for name, module in self.named_modules():
-            std = std_vision if name.startswith("visual") else std_text
-            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_module_weights(self.visual, self.cfg.vision_config.initializer_range)
+        for child in (self.language_model, self.lm_head, self.mtp):
+            if child is not None:
+                init_module_weights(child, self.cfg.text_config.initializer_range)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
         h = self.language_model.embed_tokens(input_ids)
