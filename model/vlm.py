@@ -102,17 +102,21 @@ class Exaone45(nn.Module):
             if child is not None:
                 init_module_weights(child, self.cfg.text_config.initializer_range)
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_features=None) -> torch.Tensor:
+        """Token embeddings with image features scattered over the image tokens, in order.
+        `image_features` (already merged, [image tokens, hidden]) replaces running the vision tower,
+        as context parallelism does for the images of its shard."""
         h = self.language_model.embed_tokens(input_ids)
-        if pixel_values is None:
+        if image_features is None and pixel_values is not None:
+            image_features = self.visual(pixel_values, image_grid_thw)
+        if image_features is None:
             return h
-        features = self.visual(pixel_values, image_grid_thw).to(h.dtype)
         mask = input_ids == self.cfg.image_token_id
-        if int(mask.sum()) != features.shape[0]:
+        if int(mask.sum()) != image_features.shape[0]:
             raise ValueError(
-                f"image tokens and image features do not match: {int(mask.sum())} tokens, {features.shape[0]} features"
+                f"image tokens and image features do not match: {int(mask.sum())} tokens, {image_features.shape[0]} features"
             )
-        return h.masked_scatter(mask[..., None], features)
+        return h.masked_scatter(mask[..., None], image_features.to(h.dtype))
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         tc = self.cfg.text_config
@@ -127,49 +131,70 @@ class Exaone45(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         return_logits: Optional[bool] = None,
-        mask_spec: Optional[MaskSpec] = None,
-        doc_ids: Optional[torch.Tensor] = None,
+        shard: Optional["ShardInputs"] = None,
     ) -> ModelOutput:
         """input_ids [B, L]; labels unshifted (HF style, -100 = no loss); cu_seqlens (int32, over the
         flat B*L tokens) separates packed documents; position_ids default to restarting per document.
-        Context parallelism passes its own mask_spec and doc_ids for the local shard."""
-        B, L = input_ids.shape
-        device = input_ids.device
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, B * L + 1, L, device=device, dtype=torch.int32)
-        if doc_ids is None:
-            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, L)
-        if position_ids is None:
-            flat = torch.arange(B * L, device=device)
-            position_ids = (flat - cu_seqlens.long()[doc_ids.reshape(-1)]).view(B, L)
-        spec = mask_spec if mask_spec is not None else MaskSpec.packed(cu_seqlens, B, L)
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
-        rope = self.rope(position_ids, embeds.dtype)
-        hidden = self.language_model(embeds, rope, spec)
+        Context parallelism passes `shard`: this rank's slice of targets computed before sharding."""
+        if shard is None:
+            shard = prepare_inputs(input_ids, labels, cu_seqlens, position_ids)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, shard.image_features)
+        rope = self.rope(shard.position_ids, embeds.dtype)
+        hidden = self.language_model(embeds, rope, shard.mask_spec)
 
         out = ModelOutput(hidden_states=hidden)
-        if return_logits or (return_logits is None and labels is None):
+        if return_logits or (return_logits is None and labels is None and shard.targets is None):
             out.logits = self.lm_head(hidden)
-        if labels is None:
+        if shard.targets is None:
             return out
 
         chunk = self.cfg.loss_chunk_size
-        targets = shifted_targets(labels, doc_ids, 1)
-        losses, valid = chunked_cross_entropy(hidden, self.lm_head, targets, chunk)
+        losses, valid = chunked_cross_entropy(hidden, self.lm_head, shard.targets, chunk)
         out.lm_loss_sum, out.lm_tokens = losses.sum(), int(valid.sum())
         out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
-        token_loss = torch.zeros(B * L, device=device)
+        token_loss = torch.zeros(valid.shape, device=hidden.device)
         token_loss[valid] = losses.detach()
-        out.token_loss = token_loss.view(B, L)
+        out.token_loss = token_loss.view(input_ids.shape)
         out.loss = out.lm_loss
         if self.mtp is not None and self.cfg.mtp_loss_weight > 0:
-            next_embeds = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], dim=1)
-            mtp_hidden = self.mtp(hidden, next_embeds, rope, spec)
-            mtp_losses, mtp_valid = chunked_cross_entropy(mtp_hidden, self.lm_head, shifted_targets(labels, doc_ids, 2), chunk)
+            # MTP reads the plain embedding of token t+1 (image tokens included), which keeps it
+            # shardable: image-token targets carry no loss, so nothing is lost.
+            next_embeds = self.language_model.embed_tokens(shard.next_input_ids)
+            mtp_hidden = self.mtp(hidden, next_embeds, rope, shard.mask_spec)
+            mtp_losses, mtp_valid = chunked_cross_entropy(mtp_hidden, self.lm_head, shard.mtp_targets, chunk)
             out.mtp_loss_sum, out.mtp_tokens = mtp_losses.sum(), int(mtp_valid.sum())
             out.mtp_loss = out.mtp_loss_sum / max(out.mtp_tokens, 1)
             out.loss = out.lm_loss + self.cfg.mtp_loss_weight * out.mtp_loss
         return out
+
+
+@dataclass
+class ShardInputs:
+    """Everything derived from the whole packed sequence before it is split for context parallelism."""
+
+    position_ids: torch.Tensor  # [B, L]
+    mask_spec: MaskSpec
+    targets: Optional[torch.Tensor] = None  # [B, L] next-token targets, -100 = none
+    mtp_targets: Optional[torch.Tensor] = None  # [B, L] targets two ahead
+    next_input_ids: Optional[torch.Tensor] = None  # [B, L] token t+1 (0 past the end)
+    image_features: Optional[torch.Tensor] = None  # merged features of this shard's image tokens
+
+
+def prepare_inputs(input_ids, labels=None, cu_seqlens=None, position_ids=None) -> ShardInputs:
+    B, L = input_ids.shape
+    device = input_ids.device
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, B * L + 1, L, device=device, dtype=torch.int32)
+    doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, L)
+    if position_ids is None:
+        flat = torch.arange(B * L, device=device)
+        position_ids = (flat - cu_seqlens.long()[doc_ids.reshape(-1)]).view(B, L)
+    out = ShardInputs(position_ids, MaskSpec.packed(cu_seqlens, B, L))
+    if labels is not None:
+        out.targets = shifted_targets(labels, doc_ids, 1)
+        out.mtp_targets = shifted_targets(labels, doc_ids, 2)
+        out.next_input_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    return out
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Exaone45:

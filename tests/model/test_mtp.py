@@ -26,8 +26,7 @@ def test_mtp_loss_matches_manual_computation():
         out = model(ids, labels=labels, cu_seqlens=cu)
         # by hand: embeddings of t+1, trunk hidden at t, one decoder layer, shared head
         hidden = out.hidden_states
-        embeds = model.language_model.embed_tokens(ids)
-        nxt = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
+        nxt = model.language_model.embed_tokens(torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1))
         from model.attention import MaskSpec
 
         pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
