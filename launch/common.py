@@ -1,0 +1,54 @@
+"""What every launcher does the same way: validate the composed config, pick the stage's mixture,
+build the data loader, exit cleanly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python launch/x.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from training.config import load_config  # noqa: E402
+
+RECIPES = str(ROOT / "recipes")
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """Schema-checked config; `data.stages.<stage>` (a mixture per curriculum stage), when the data
+    config has one for this stage, becomes `data.mixture`."""
+    cfg = load_config(cfg)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else {}
+    stages = data.pop("stages", None) or {}
+    if cfg.stage in stages:
+        data["mixture"] = stages[cfg.stage]
+    from data.mixture import to_data_config
+
+    to_data_config(data)  # unknown data keys fail here, at start-up, naming the key
+    cfg.data = data
+    return cfg
+
+
+def loader_factory(split: str = "train"):
+    def build(cfg, d, tokenizer):
+        from data.mixture import build_loader
+
+        return build_loader(cfg.data, tokenizer=tokenizer, rank=d.dp_rank, world_size=d.dp, seed=cfg.train.seed,
+                            micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len, split=split)
+
+    return build
+
+
+def finish() -> None:
+    """Tear the process group down, then exit at once: interpreter shutdown after a torchrun run
+    occasionally aborted (SIGABRT) on CPU."""
+    from training.distributed import shutdown
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    shutdown()
+    os._exit(0)

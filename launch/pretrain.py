@@ -1,0 +1,42 @@
+"""Multimodal pretraining (stage 1, then stage 2 of the EXAONE 4.5 curriculum).
+
+    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage1 model=tiny data=demo run_dir=out/stage1
+    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage2 model=tiny data=demo run_dir=out/stage2 init_from=out/stage1
+    python launch/pretrain.py +recipe=stage1 dry_run=true        # the 33B layout on the meta device
+
+Any key is overridable (train.steps=20, parallel.engine=deepspeed, model.fp8=emulated, ...).
+"""
+
+from __future__ import annotations
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import hydra
+from omegaconf import DictConfig
+
+from common import RECIPES, finish, loader_factory, resolve_config
+
+
+@hydra.main(config_path=RECIPES, config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    cfg = resolve_config(cfg)
+    if cfg.dry_run:
+        from training.memory import dry_run
+
+        dry_run(cfg)
+        return
+    from training.evaluate import heldout_loss
+    from training.trainer import setup, train
+
+    run = setup(cfg, loader_factory("train"))
+    train(run, evaluate=heldout_loss)
+    if cfg.export.hf:
+        from training.export import export_hf
+
+        export_hf(run)
+    if run.d.is_main:
+        print(f"{cfg.stage}: done at step {run.step}; metrics in {cfg.run_dir}/metrics.jsonl", flush=True)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

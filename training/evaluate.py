@@ -1,0 +1,43 @@
+"""Held-out evaluation during training: loss per task on the held-out split, averaged over ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import all_reduce_sum
+
+
+def heldout_loss(run) -> dict:
+    """{'eval/loss': ..., 'eval/loss/<task>': ...} over cfg.eval.batches held-out batches per rank."""
+    from data.mixture import build_loader
+    from data.schema import TASKS
+
+    cfg, d = run.cfg, run.d
+    if run.heldout is None:  # the same held-out batches at every evaluation
+        loader = build_loader(cfg.data, tokenizer=run.tokenizer, rank=d.dp_rank, world_size=d.dp, seed=0,
+                              micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len, split="heldout")
+        run.heldout = (loader, loader.state_dict())
+    loader, start = run.heldout
+    loader.load_state_dict(start)
+    sums = torch.zeros(len(TASKS), 2, dtype=torch.float64)
+    run.module.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.eval.batches), loader):
+            batch = batch.to(d.device)
+            out = run.model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
+                            position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
+            has = out.token_loss != 0
+            for i in batch.task_ids[has].unique().tolist():
+                sel = has & (batch.task_ids == i)
+                sums[i, 0] += out.token_loss[sel].sum().item()
+                sums[i, 1] += int(sel.sum())
+    run.module.train()
+    flat = all_reduce_sum(sums.flatten().tolist(), d.device)
+    row, total, count = {}, 0.0, 0
+    for i, task in enumerate(TASKS):
+        s, n = flat[2 * i], flat[2 * i + 1]
+        if n:
+            row[f"eval/loss/{task}"] = s / n
+            total, count = total + s, count + n
+    row["eval/loss"] = total / max(count, 1)
+    return row

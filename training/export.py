@@ -1,0 +1,58 @@
+"""Hugging Face export of a run (`export.hf=true`) or of any checkpoint:
+
+    python -m training.export out/stage1 out/stage1/hf          # newest checkpoint of a run dir
+    python -m training.export out/stage1/checkpoints/step_200 out/hf
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from model.hf import save_pretrained
+from model.vlm import Exaone45
+
+
+def export_hf(run, out_dir=None) -> Path:
+    """Gather the full weights to rank 0 and write a directory transformers loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out_dir = Path(out_dir or Path(run.cfg.run_dir) / "hf")
+    module = getattr(run.model, "module", run.model)
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.d.is_main:
+        plain = Exaone45(module.cfg)
+        plain.load_state_dict(state)
+        save_pretrained(plain, out_dir)
+        print(f"exported Hugging Face checkpoint to {out_dir}", flush=True)
+    return out_dir
+
+
+def export_checkpoint(path: str, out_dir: str) -> Path:
+    """Single process: read a checkpoint's DCP model state and write a Hugging Face directory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from training.checkpoint import resolve_init_from
+    from training.trainer import model_config
+
+    kind, step_dir = resolve_init_from(path)
+    if kind != "ckpt":
+        raise ValueError(f"{path} is already a Hugging Face directory")
+    cfg = OmegaConf.load(step_dir.parents[1] / "config.yaml")
+    tmp = Path(out_dir).with_suffix(".pt.tmp")
+    dcp_to_torch_save(str(step_dir / "model"), str(tmp))
+    state = torch.load(tmp, weights_only=False)["model"]
+    tmp.unlink()
+    model = Exaone45(model_config(cfg))
+    model.load_state_dict(state)
+    save_pretrained(model, out_dir)
+    return Path(out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    print(export_checkpoint(sys.argv[1], sys.argv[2]))
