@@ -88,6 +88,7 @@ class Exaone45(nn.Module):
         self.language_model = TextModel(tc)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.mtp = MTP(tc) if tc.num_nextn_predict_layers > 0 else None
+        self.vision_in_every_step = False  # set by data-parallel training, see _blank_image_features
         self.set_attn_impl(cfg.attn_impl)
 
     def set_attn_impl(self, impl: str):
@@ -110,6 +111,8 @@ class Exaone45(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.visual(pixel_values, image_grid_thw)
         if image_features is None:
+            if self.vision_in_every_step:
+                return h + 0.0 * self._blank_image_features().sum()
             return h
         mask = input_ids == self.cfg.image_token_id
         if int(mask.sum()) != image_features.shape[0]:
@@ -117,6 +120,16 @@ class Exaone45(nn.Module):
                 f"image tokens and image features do not match: {int(mask.sum())} tokens, {image_features.shape[0]} features"
             )
         return h.masked_scatter(mask[..., None], image_features.to(h.dtype))
+
+    def _blank_image_features(self) -> torch.Tensor:
+        """The vision tower on one blank 2x2-patch image. Data-parallel training runs it on ranks whose
+        batch has no image, so every rank runs the same collectives (FSDP all-gathers, gradient
+        reductions) whether or not its batch holds images; its output is multiplied by zero."""
+        vc = self.cfg.vision_config
+        m = vc.spatial_merge_size
+        weight = self.visual.patch_embed.proj.weight
+        patches = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device=weight.device)
+        return self.visual(patches, torch.tensor([[1, m, m]], device=weight.device))
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         tc = self.cfg.text_config

@@ -52,6 +52,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_layout(cp: int, world: int) -> None:
+    if cp < 1 or world % cp:
+        raise ValueError(f"config error at `parallel.cp`: {cp} does not divide the world size {world}")
+
+
 def init_distributed(cp: int = 1) -> Dist:
     """Join the process group torchrun / deepspeed / accelerate set up (or make a group of one)."""
     if "RANK" not in os.environ:  # a plain `python launch/...`: a world of one
@@ -59,8 +64,7 @@ def init_distributed(cp: int = 1) -> Dist:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world % cp:
-        raise ValueError(f"config error at `parallel.cp`: {cp} does not divide the world size {world}")
+    check_layout(cp, world)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"

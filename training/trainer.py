@@ -66,6 +66,7 @@ def build_parallel_model(cfg, d: Dist):
     mcfg = model_config(cfg)
     with torch.device("meta"):
         module = Exaone45(mcfg)
+    module.vision_in_every_step = d.world > 1
     apply_fp8(module, mcfg.fp8, mcfg.fp8_modules, mcfg.fp8_scaling)
     if d.cp > 1:
         from .context_parallel import apply_context_parallel

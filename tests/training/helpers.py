@@ -1,0 +1,99 @@
+"""Running the real launchers and the trainer from tests (real processes, gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300, popen: bool = False):
+    """`torchrun --nproc_per_node N launch/<script> overrides...` (plain python for N=0)."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), str(ROOT / "launch" / script), *overrides]
+    else:
+        cmd = [sys.executable, str(ROOT / "launch" / script), *overrides]
+    if popen:
+        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir) -> list[dict]:
+    """Logged rows, the last row per step (a resumed run logs again the steps after its checkpoint)."""
+    rows = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def compose(overrides: list[str], config_name: str = "pretrain"):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from launch.common import RECIPES, resolve_config
+
+    with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
+        return resolve_config(hydra_compose(config_name, overrides=overrides))
+
+
+class ListLoader:
+    """Fixed packed batches dealt to ranks: micro-batch m of step s on rank r is batch (s*accum+m)*world+r,
+    so 1 process with grad_accum=W and W ranks with grad_accum=1 see the same global batch."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world, self.i = batches, rank, world, 0
+        self.skipped = {}
+
+    def __iter__(self):
+        while True:
+            yield self.batches[(self.i * self.world + self.rank) % len(self.batches)]
+            self.i += 1
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], batches_path: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), WANDB_MODE="disabled")
+    torch.set_num_threads(1)
+    from training.distributed import shutdown
+    from training.trainer import setup, train
+
+    cfg = compose(overrides)
+    batches = torch.load(batches_path, weights_only=False)
+    run = setup(cfg, lambda cfg, d, tok: ListLoader(batches, d.dp_rank, d.dp))
+    train(run)
+    shutdown()
+
+
+def run_workers(world: int, overrides: list[str], batches_path) -> list[dict]:
+    """Train in `world` spawned processes on fixed batches; returns the logged metric rows."""
+    import torch.multiprocessing as mp
+
+    run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
+    mp.start_processes(_worker, args=(world, free_port(), overrides, str(batches_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    return metrics(run_dir)

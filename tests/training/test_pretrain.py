@@ -1,0 +1,162 @@
+"""Pretraining across engines and process counts: equivalence, exact resume, failures, export."""
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from .helpers import compose, launch, metrics, run_workers
+
+TINY = ["model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def fixed_batches(tmp_path_factory, demo_corpus, demo_tokenizer):
+    """Eight packed batches of one 256-token row from the demo corpus (images included)."""
+    from data.mixture import build_loader
+
+    cfg = compose(TINY + [f"data.root={demo_corpus}", "data.seq_len=256"])
+    loader = build_loader(cfg.data, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=1,
+                          seq_len=256)
+    batches = [b for _, b in zip(range(8), loader)]
+    assert any(b.pixel_values is not None for b in batches)
+    path = tmp_path_factory.mktemp("batches") / "batches.pt"
+    torch.save(batches, path)
+    return path
+
+
+def _overrides(tmp_path, name, demo_corpus, *extra):
+    return TINY + [f"run_dir={tmp_path / name}", f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=4",
+                   "train.micro_batch_size=1", "train.warmup_steps=1", "train.lr=3e-3", "checkpoint.every=100", *extra]
+
+
+def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches, demo_corpus):
+    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, "train.grad_accum=2"), fixed_batches)
+    two = run_workers(2, _overrides(tmp_path, "fsdp", demo_corpus), fixed_batches)
+    ds = run_workers(2, _overrides(tmp_path, "ds", demo_corpus, "parallel.engine=deepspeed"), fixed_batches)
+    assert len(one) == len(two) == len(ds) == 4
+    assert one[-1]["lm_loss"] < one[0]["lm_loss"] - 0.05  # it trains
+    for a, b, c in zip(one, two, ds):
+        for key in ("lm_loss", "mtp_loss", "loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a[key], b[key])
+            assert abs(b[key] - c[key]) <= 1e-5 * abs(b[key]), (key, b[key], c[key])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+
+
+def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpus):
+    common = TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=6", "train.micro_batch_size=1",
+                     "checkpoint.every=100", "train.warmup_steps=2"]
+    launch("pretrain.py", common + [f"run_dir={tmp_path / 'straight'}"], nproc=2)
+    launch("pretrain.py", common + [f"run_dir={tmp_path / 'resumed'}", "train.stop_after=3"], nproc=2)
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2, 3]
+    assert (tmp_path / "resumed" / "checkpoints" / "step_3").is_dir()
+    launch("pretrain.py", common + [f"run_dir={tmp_path / 'resumed'}", "export.hf=true"], nproc=2)
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]  # bitwise
+    assert [r["tokens"] for r in straight] == [r["tokens"] for r in resumed]
+
+    from transformers import Exaone4_5_ForConditionalGeneration
+
+    from model.hf import load_pretrained
+
+    hf = Exaone4_5_ForConditionalGeneration.from_pretrained(tmp_path / "resumed" / "hf").eval()
+    ours = load_pretrained(tmp_path / "resumed" / "hf").eval()
+    ids = torch.randint(100, 4000, (1, 50))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() < 1e-4
+
+
+def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus):
+    import psutil
+
+    common = TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=8", "train.micro_batch_size=1",
+                     "checkpoint.every=2", "train.warmup_steps=2", "checkpoint.keep=5"]
+    launch("pretrain.py", common + [f"run_dir={tmp_path / 'straight'}"], nproc=2)
+    proc = launch("pretrain.py", common + [f"run_dir={tmp_path / 'killed'}"], nproc=2, popen=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "step_4").is_dir():
+        time.sleep(0.2)
+    assert (tmp_path / "killed" / "checkpoints" / "step_4").is_dir()
+    workers = psutil.Process(proc.pid).children()
+    workers[-1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60  # torchrun fails fast
+    launch("pretrain.py", common + [f"run_dir={tmp_path / 'killed'}"], nproc=2)
+    assert [r["loss"] for r in metrics(tmp_path / "straight")] == [r["loss"] for r in metrics(tmp_path / "killed")]
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path, demo_corpus):
+    run_dir = tmp_path / "term"
+    proc = launch("pretrain.py", TINY + [f"run_dir={run_dir}", f"data.root={demo_corpus}", "data.seq_len=256",
+                  "train.steps=10000", "train.micro_batch_size=1", "checkpoint.every=100000"], nproc=0, popen=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert proc.returncode == 0 and len(saved) == 1
+    assert int(saved[0].name.split("_")[1]) == metrics(run_dir)[-1]["step"]
+
+
+def test_config_errors_name_the_key(demo_corpus):
+    with pytest.raises(ValueError, match="train.bogus"):
+        compose(TINY + ["+train.bogus=1"])
+    with pytest.raises(ValueError, match="parallel.engine"):
+        compose(TINY + ["parallel.engine=megatron"])
+    with pytest.raises(ValueError, match="mixtur|unknown keys"):
+        compose(TINY + ["+data.mixtur={a: 1}"])
+    from training.distributed import check_layout
+
+    with pytest.raises(ValueError, match="parallel.cp"):
+        check_layout(3, 2)
+    from data.mixture import build_loader
+
+    cfg = compose(TINY + [f"data.root={demo_corpus}", "+data.mixture.nosuch_source=1.0"])
+    with pytest.raises(Exception, match="nosuch_source"):
+        build_loader(cfg.data, tokenizer=None, rank=0, world_size=1, seed=0, micro_batch_size=1)
+
+
+def test_non_finite_steps_are_skipped_counted_then_abort(tmp_path, fixed_batches, demo_corpus):
+    """In this process (a world of one): a NaN loss at one step skips that step only; NaN every
+    step aborts after train.max_bad_steps with a clear error."""
+    import torch.distributed as dist
+
+    from training.trainer import setup, train
+
+    from .helpers import ListLoader
+
+    batches = torch.load(fixed_batches, weights_only=False)
+
+    def poisoned(run, bad_steps):
+        forward = run.module.forward
+
+        def wrapped(*a, **k):
+            out = forward(*a, **k)
+            if run.step + 1 in bad_steps or "all" in bad_steps:
+                out.lm_loss_sum = out.lm_loss_sum * float("nan")
+            return out
+
+        run.module.forward = wrapped
+        return run
+
+    try:
+        cfg = compose(_overrides(tmp_path, "nan", demo_corpus, "train.steps=5"))
+        run = poisoned(setup(cfg, lambda c, d, t: ListLoader(batches, 0, 1)), {2})
+        before = {k: v.clone() for k, v in run.module.state_dict().items()}
+        train(run)
+        rows = metrics(tmp_path / "nan")
+        assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1, 1]
+        assert all(torch.isfinite(v).all() for v in run.module.state_dict().values())
+        assert any(not torch.equal(before[k], v) for k, v in run.module.state_dict().items())
+
+        cfg = compose(_overrides(tmp_path, "nan_all", demo_corpus, "train.steps=10", "train.max_bad_steps=3"))
+        run = poisoned(setup(cfg, lambda c, d, t: ListLoader(batches, 0, 1)), {"all"})
+        with pytest.raises(FloatingPointError, match="3 steps in a row"):
+            train(run)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
