@@ -1,6 +1,6 @@
 """Data loader throughput and packing efficiency on the demo corpus.
 
-    python bench/data_loader.py [--root data/demo/corpus] [--seq-len 4096] [--micro-batch 2] [--batches 40]
+    python bench/data_loader.py [--root data/demo/corpus] [--seq-len 4096] [--micro-batch 2] [--batches 40] [--repeat 3]
 
 For 1 and 2 data-loader workers: samples/s and tokens/s of the full path (mixture, decode,
 image processing, tokenization, packing) against a plain webdataset read of the same shards
@@ -38,16 +38,16 @@ def full_path(cfg: DataConfig, tokenizer, workers: int, seq_len: int, micro_batc
     it = iter(loader)
     for _ in range(warmup):  # worker start-up and first blocks
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         batch = next(it)
         samples += len(batch.sample_ids)
         tokens += batch.num_tokens
         slots += batch.input_ids.numel()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     it.close()
     return {"samples_s": samples / elapsed, "tokens_s": tokens / elapsed, "efficiency": tokens / slots,
-            "samples": samples, "skipped": sum(loader.skipped.values())}
+            "samples": samples, "skipped": sum(loader.skipped.values()), "cpu_ms": 1e3 * cpu / samples}
 
 
 def plain_webdataset(cfg: DataConfig, workers: int, samples: int):
@@ -61,10 +61,10 @@ def plain_webdataset(cfg: DataConfig, workers: int, samples: int):
     it = iter(loader)
     for _ in range(200):
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(samples):
         next(it)
-    return {"samples_s": samples / (time.perf_counter() - start)}
+    return {"samples_s": samples / (time.perf_counter() - start), "cpu_ms": 1e3 * (time.process_time() - cpu) / samples}
 
 
 def main() -> None:
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=1, help="best of N runs (the machine may be shared)")
     args = parser.parse_args()
 
     demo = OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "data" / "demo.yaml"))
@@ -82,14 +83,22 @@ def main() -> None:
     tokenizer = load_tokenizer(None)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}; seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"{args.batches} batches after 3 warm-up batches")
+          f"{args.batches} batches after 3 warm-up batches, best of {args.repeat}")
     print("| workers | full path samples/s | full path tokens/s | plain webdataset samples/s | ratio | packing efficiency |")
     print("|---|---|---|---|---|---|")
     for workers in args.workers:
-        full = full_path(cfg, tokenizer, workers, args.seq_len, args.micro_batch, args.batches)
-        plain = plain_webdataset(cfg, workers, max(1000, full["samples"]))
+        full = max((full_path(cfg, tokenizer, workers, args.seq_len, args.micro_batch, args.batches)
+                    for _ in range(args.repeat)), key=lambda r: r["samples_s"])
+        plain = max((plain_webdataset(cfg, workers, max(1000, full["samples"])) for _ in range(args.repeat)),
+                    key=lambda r: r["samples_s"])
         print(f"| {workers} | {full['samples_s']:.0f} | {full['tokens_s']:.0f} | {plain['samples_s']:.0f} | "
               f"{full['samples_s'] / plain['samples_s']:.2f} | {full['efficiency']:.4f} |", flush=True)
+    full = min((full_path(cfg, tokenizer, 0, args.seq_len, args.micro_batch, args.batches) for _ in range(args.repeat)),
+               key=lambda r: r["cpu_ms"])
+    plain = min((plain_webdataset(cfg, 0, 2000) for _ in range(args.repeat)), key=lambda r: r["cpu_ms"])
+    print(f"\nIn one process (no workers; CPU time, less sensitive to a busy machine): full path "
+          f"{full['cpu_ms']:.2f} ms CPU per sample ({1e3 / full['cpu_ms']:.0f} samples per CPU-second), plain webdataset "
+          f"{plain['cpu_ms']:.2f} ms ({1e3 / plain['cpu_ms']:.0f}); ratio {plain['cpu_ms'] / full['cpu_ms']:.2f}")
     print()
     print("| mixture | seq_len | packing efficiency |")
     print("|---|---|---|")

@@ -223,7 +223,11 @@ class SlotStream:
         for entry in state.get("pending", []):
             raw = RawSample(entry["shard"], entry["index"], entry["key"],
                             {k: base64.b64decode(v) for k, v in entry["members"].items()})
-            doc = self._document(entry["source"], raw)
+            try:
+                doc = self._document(entry["source"], raw)
+            except _Skip as s:  # only if the tokenizer or settings changed since the state was saved
+                self._skip(s.reason, s.message)
+                continue
             doc.offset = entry["offset"]
             self.packer.pending.append(doc)
 
