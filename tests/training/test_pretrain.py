@@ -45,17 +45,28 @@ def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
 
 
-def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpus):
-    common = TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=6", "train.micro_batch_size=1",
-                     "checkpoint.every=100", "train.warmup_steps=2"]
-    launch("pretrain.py", common + [f"run_dir={tmp_path / 'straight'}"], nproc=2)
-    launch("pretrain.py", common + [f"run_dir={tmp_path / 'resumed'}", "train.stop_after=3"], nproc=2)
-    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2, 3]
-    assert (tmp_path / "resumed" / "checkpoints" / "step_3").is_dir()
-    launch("pretrain.py", common + [f"run_dir={tmp_path / 'resumed'}", "export.hf=true"], nproc=2)
-    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
-    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]  # bitwise
-    assert [r["tokens"] for r in straight] == [r["tokens"] for r in resumed]
+def _preemptible(tmp, demo_corpus):
+    return TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=8", "train.micro_batch_size=1",
+                   "checkpoint.every=2", "checkpoint.keep=5", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, demo_corpus):
+    """An uninterrupted 2-rank run of 8 steps, the reference of the resume tests."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    launch("pretrain.py", _preemptible(run_dir, demo_corpus) + [f"run_dir={run_dir}"], nproc=2)
+    return metrics(run_dir)
+
+
+def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpus, straight_run):
+    common = _preemptible(tmp_path, demo_corpus) + [f"run_dir={tmp_path / 'resumed'}"]
+    launch("pretrain.py", common + ["train.stop_after=4"], nproc=2)
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+    launch("pretrain.py", common + ["export.hf=true"], nproc=2)
+    resumed = metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in straight_run] == [r["loss"] for r in resumed]  # bitwise
+    assert [r["tokens"] for r in straight_run] == [r["tokens"] for r in resumed]
+    assert len(straight_run) == 8
 
     from transformers import Exaone4_5_ForConditionalGeneration
 
@@ -68,13 +79,11 @@ def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpu
         assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() < 1e-4
 
 
-def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus):
+def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus, straight_run):
     import psutil
 
-    common = TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=8", "train.micro_batch_size=1",
-                     "checkpoint.every=2", "train.warmup_steps=2", "checkpoint.keep=5"]
-    launch("pretrain.py", common + [f"run_dir={tmp_path / 'straight'}"], nproc=2)
-    proc = launch("pretrain.py", common + [f"run_dir={tmp_path / 'killed'}"], nproc=2, popen=True)
+    common = _preemptible(tmp_path, demo_corpus) + [f"run_dir={tmp_path / 'killed'}"]
+    proc = launch("pretrain.py", common, nproc=2, popen=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "step_4").is_dir():
         time.sleep(0.2)
@@ -84,8 +93,8 @@ def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus):
     t0 = time.time()
     proc.wait(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 60  # torchrun fails fast
-    launch("pretrain.py", common + [f"run_dir={tmp_path / 'killed'}"], nproc=2)
-    assert [r["loss"] for r in metrics(tmp_path / "straight")] == [r["loss"] for r in metrics(tmp_path / "killed")]
+    launch("pretrain.py", common, nproc=2)
+    assert [r["loss"] for r in straight_run] == [r["loss"] for r in metrics(tmp_path / "killed")]
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path, demo_corpus):
