@@ -409,11 +409,14 @@ def samples_from_hf(path: str, split: str, task: Optional[str], source: str) -> 
             raise SystemExit(f"{path}: no saved dataset, parquet or json files")
         kind = "parquet" if files[0].endswith(".parquet") else "json"
         ds = datasets.load_dataset(kind, data_files=files, split="train")
-    for col, feature in ds.features.items():  # images as encoded bytes, not decoded PIL images
+    raw_image = datasets.Image(decode=False)  # images as their encoded bytes, not decoded PIL images
+    for col, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
-            ds = ds.cast_column(col, datasets.Image(decode=False))
-        elif isinstance(feature, (datasets.Sequence, list)) and isinstance(getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) else None), datasets.Image):
-            ds = ds.cast_column(col, datasets.Sequence(datasets.Image(decode=False)) if isinstance(feature, datasets.Sequence) else [datasets.Image(decode=False)])
+            ds = ds.cast_column(col, raw_image)
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images
+            ds = ds.cast_column(col, type(feature)(raw_image))
+        elif isinstance(feature, list) and feature and isinstance(feature[0], datasets.Image):
+            ds = ds.cast_column(col, [raw_image])
     for i, row in enumerate(ds):
         yield hf_row_to_sample(row, i, task, source)
 
