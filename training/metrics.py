@@ -90,7 +90,7 @@ class Metrics:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if self.bar is not None:
             self.bar.n = row["step"]
-            shown = {k: row[k] for k in ("loss", "lr", "tokens_per_s") if k in row}
+            shown = {k: row[k] for k in ("loss", "eval/loss", "lr", "tokens_per_s") if k in row}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=True)
 
     def log_images(self, images, captions) -> None:

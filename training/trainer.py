@@ -247,6 +247,8 @@ def train(run: Run, evaluate: Optional[Callable[[Run], dict]] = None) -> None:
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     flops_per_token = decoder_flops_per_token(run.module.cfg, cfg.data.seq_len)
     clock, data_iter = Throughput(), iter(run.loader)
+    if evaluate is not None and cfg.eval.every and run.step == 0:
+        run.metrics.log({"step": 0, **evaluate(run)})  # the starting point of the held-out curve
     while run.step < last and not run.preempted:
         batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
         lr = run.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,105 @@
+"""Forward + backward of our model vs transformers' Exaone4_5_ForConditionalGeneration on the same
+config, weights and input (text + one image), as a ratio measured in one run.
+
+    python bench/model_step.py                      # small preset, CPU, fp32
+    python bench/model_step.py --preset tiny --seq 1024 --steps 5
+    python bench/model_step.py --device cuda --dtype bf16 --fp8 torchao   # on a GPU
+
+Each implementation is timed in its own fresh process (so peak memory is its own: peak RSS on CPU,
+torch.cuda.max_memory_allocated on GPU); timings are the median of --steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def make_inputs(cfg, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([[1, 16, 16]])  # a 224x224 image: 256 patches, 64 tokens
+    n_img = 64
+    text = seq - n_img - 2
+    ids = torch.randint(100, cfg.text_config.vocab_size, (1, seq), generator=g)
+    ids[0, text // 2] = cfg.vision_start_token_id
+    ids[0, text // 2 + 1 : text // 2 + 1 + n_img] = cfg.image_token_id
+    ids[0, text // 2 + 1 + n_img] = cfg.vision_end_token_id
+    pixels = torch.randn(256, 3 * 2 * 14 * 14, generator=g)
+    return ids, pixels, grid
+
+
+def worker(impl: str, preset_name: str, seq: int, steps: int, device: str, dtype: str, fp8: str) -> dict:
+    from model.config import preset
+    from model.fp8 import apply_fp8
+    from model.hf import config_to_hf
+    from model.vlm import build_model
+
+    torch.manual_seed(0)
+    cfg = preset(preset_name)
+    cfg.mtp_loss_weight = 0.0  # transformers has no MTP: compare the same network
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ids, pixels, grid = make_inputs(cfg, seq)
+    ids, pixels, grid = ids.to(device), pixels.to(device, dt), grid.to(device)
+    if impl == "ours":
+        model = build_model(cfg, device=device, dtype=dt)
+        apply_fp8(model, fp8, cfg.fp8_modules)
+        step = lambda: model(ids, pixels, grid, labels=ids).loss  # noqa: E731
+    else:
+        from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
+
+        model = Exaone4_5_ForConditionalGeneration(Exaone4_5_Config(**config_to_hf(cfg)))
+        model.config._attn_implementation = "sdpa"
+        model = model.to(device, dt)
+        step = lambda: model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=ids).loss  # noqa: E731
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(steps + 1):
+        sync()
+        t = time.perf_counter()
+        step().backward()
+        sync()
+        times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"impl": impl, "tokens_per_s": seq / statistics.median(times[1:]), "peak_gib": peak / 1024**3}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--fp8", default="none")
+    p.add_argument("--worker", default=None)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.fp8)))
+        return
+    rows = {}
+    for impl in ("ours", "transformers"):
+        out = subprocess.run([sys.executable, __file__, "--worker", impl, *sys.argv[1:]], capture_output=True, text=True,
+                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    o, t = rows["ours"], rows["transformers"]
+    print(f"| {a.preset} | {a.device} {a.dtype} fp8={a.fp8} | seq {a.seq} | ours {o['tokens_per_s']:.0f} tok/s, "
+          f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
+          f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
