@@ -32,24 +32,31 @@ def export_hf(run, out_dir=None) -> Path:
 
 
 def export_checkpoint(path: str, out_dir: str) -> Path:
-    """Single process: read a checkpoint's DCP model state and write a Hugging Face directory."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """Single process: a run or checkpoint directory to a Hugging Face directory."""
+    model, _ = load_for_inference(path)
+    save_pretrained(model, out_dir)
+    return Path(out_dir)
 
+
+def load_for_inference(path: str, dtype=torch.float32):
+    """(model, config) from a Hugging Face directory, a run directory or a checkpoint directory."""
+    from model.hf import load_pretrained
     from training.checkpoint import resolve_init_from
     from training.trainer import model_config
 
-    kind, step_dir = resolve_init_from(path)
-    if kind != "ckpt":
-        raise ValueError(f"{path} is already a Hugging Face directory")
-    cfg = OmegaConf.load(step_dir.parents[1] / "config.yaml")
-    tmp = Path(out_dir).with_suffix(".pt.tmp")
-    dcp_to_torch_save(str(step_dir / "model"), str(tmp))
-    state = torch.load(tmp, weights_only=False)["model"]
-    tmp.unlink()
+    kind, where = resolve_init_from(path)
+    if kind == "hf":
+        return load_pretrained(where, dtype=dtype).eval(), None
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import tempfile
+
+    cfg = OmegaConf.load(where.parents[1] / "config.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(where / "model"), f"{tmp}/model.pt")
+        state = torch.load(f"{tmp}/model.pt", weights_only=False)["model"]
     model = Exaone45(model_config(cfg))
     model.load_state_dict(state)
-    save_pretrained(model, out_dir)
-    return Path(out_dir)
+    return model.to(dtype).eval(), cfg
 
 
 if __name__ == "__main__":

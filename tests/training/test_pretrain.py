@@ -78,6 +78,19 @@ def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpu
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() < 1e-4
 
+    # launch/chat.py answers the same from the run directory and from its Hugging Face export
+    from data.mixture import to_data_config
+    from data.text import load_tokenizer
+    from launch.chat import parse, reply
+    from training.export import load_for_inference
+
+    args = parse([f"ckpt={tmp_path / 'resumed'}", "max_new_tokens=12", "thinking=false"])
+    data_cfg, tok = to_data_config({}), load_tokenizer(None)
+    from_run, run_cfg = load_for_inference(str(tmp_path / "resumed"))
+    assert run_cfg.model.name == "tiny"
+    answers = [reply(m, tok, data_cfg, "How many circles are there?", None, args) for m in (from_run, ours)]
+    assert answers[0] == answers[1] and answers[0].startswith("") and len(answers[0]) > 0
+
 
 def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus, straight_run):
     import psutil
