@@ -13,8 +13,9 @@ presence_penalty, thinking=true.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import common  # noqa: F401  (puts the repo on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `python launch/...`
 
 
 def parse(argv: list[str]) -> dict:

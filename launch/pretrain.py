@@ -9,11 +9,14 @@ Any key is overridable (train.steps=20, parallel.engine=deepspeed, model.fp8=emu
 
 from __future__ import annotations
 
-import common  # noqa: F401  (puts the repo on sys.path)
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from common import RECIPES, finish, loader_factory, resolve_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `python launch/...`
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from launch.common import RECIPES, finish, loader_factory, resolve_config  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="pretrain", version_base="1.3")
