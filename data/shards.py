@@ -281,8 +281,8 @@ class ShardStream:
 
 
 def decode_sample(raw: RawSample) -> Sample:
-    """Raw members -> Sample; raises SchemaError (reason bad_json / missing_json) or KeyError for a
-    referenced image that is not a member."""
+    """Raw members -> Sample (images as bytes, not checked); raises SchemaError for a missing or
+    broken .json member."""
     if "json" not in raw.members:
         raise SchemaError("missing_json")
     sample = Sample.loads(raw.members["json"], {k: v for k, v in raw.members.items() if k != "json"})

@@ -56,3 +56,14 @@ def test_heldout_problems_never_occur_in_training(demo_corpus):
         assert held and not train & held
     train_text = {s.segments[0].text for s in _samples(demo_corpus, "train", "text")}
     assert not train_text & {s.segments[0].text for s in _samples(demo_corpus, "heldout", "text")}
+
+
+def test_demo_build_command(tmp_path, capsys):
+    from data.demo.build import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["build", "--out", str(out), "--scale", "0.001", "--heldout", "2", "--workers", "1"]) == 0
+    assert "built" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["train"]) == set(manifest["heldout"]) == set(SOURCES)
+    assert main(["verify", str(out)]) == 0
