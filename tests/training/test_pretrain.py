@@ -110,6 +110,27 @@ def test_killed_rank_fails_fast_and_rerun_loses_nothing(tmp_path, demo_corpus, s
     assert [r["loss"] for r in straight_run] == [r["loss"] for r in metrics(tmp_path / "killed")]
 
 
+def test_two_nodes_match_one_node(tmp_path, demo_corpus, straight_run):
+    """Two torchrun agents as two "nodes" on this machine (c10d rendezvous on localhost) give the
+    same run as one node with two processes."""
+    import subprocess
+    import sys
+
+    from .helpers import ENV, ROOT, free_port
+
+    port = free_port()
+    common = _preemptible(tmp_path, demo_corpus) + [f"run_dir={tmp_path / 'nodes'}"]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                "--node_rank", str(i), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                                "--rdzv_id", "twonodes", str(ROOT / "launch" / "pretrain.py"), *common],
+                               env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    assert [r["loss"] for r in straight_run] == [r["loss"] for r in metrics(tmp_path / "nodes")]
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path, demo_corpus):
     run_dir = tmp_path / "term"
     proc = launch("pretrain.py", TINY + [f"run_dir={run_dir}", f"data.root={demo_corpus}", "data.seq_len=256",
