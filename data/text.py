@@ -12,13 +12,17 @@ turn carry a think block; earlier assistant turns are rendered without one. The 
 `[|assistant|]\\n<think>\\n` (reasoning) or `[|assistant|]\\n<think>\\n\\n</think>\\n\\n`.
 
 Images become `<vision>` + N x image token + `</vision>` with N = t*h*w / merge^2 from the image
-grid. Loss masks (labels, unshifted, -100 = no loss): in chats, the tokens an assistant turn
-generates after its `[|assistant|]\\n<think>\\n` header, up to and including its `[|endofturn|]`;
+grid. Loss masks (labels, unshifted, -100 = no loss): in chats, what an assistant turn generates
+after its generation prompt, up to and including its `[|endofturn|]` (a reasoning turn: the
+reasoning, `</think>` and the answer; a non-reasoning turn: the answer after the empty think block);
 in plain documents every text token plus the closing end-of-turn (EOS) token. Image tokens and
 vision start/end tokens never carry loss.
 
-Text is tokenized piece by piece (prompt pieces apart from answer pieces), which is also how a
-prompt is tokenized for generation, so training and generation see the same token boundaries.
+Text is tokenized piece by piece, prompt pieces apart from answer pieces, and a turn's prompt piece
+is exactly the generation prompt of its mode: a prompt rendered for generation (render_grpo_prompt)
+tokenizes to the same ids as the training sequence up to that point. (Tokenizing the whole text at
+once would merge whitespace across the boundary, e.g. `<think>\\n\\n</think>`, and the model would be
+trained on token sequences that generation never produces.)
 """
 
 from __future__ import annotations
@@ -154,10 +158,11 @@ def chat_parts(messages, enable_thinking: bool = True, add_generation_prompt: bo
             parts.extend(_content_parts(m.content, loss=False))
             parts.append(("text", END_OF_TURN + "\n", False))
             continue
-        if i > last_user:
-            parts.append(("text", ASSISTANT + "\n" + THINK_OPEN + "\n", False))
-            thought = m.reasoning if (enable_thinking and m.reasoning) else ""
-            parts.append(("text", (thought + "\n" if thought else "\n") + THINK_CLOSE + "\n\n", True))
+        if i > last_user and enable_thinking and m.reasoning:
+            parts.append(("text", ASSISTANT + "\n" + THINK_OPEN + "\n", False))  # the reasoning generation prompt
+            parts.append(("text", m.reasoning + "\n" + THINK_CLOSE + "\n\n", True))
+        elif i > last_user:  # the non-reasoning generation prompt holds the empty think block
+            parts.append(("text", ASSISTANT + "\n" + THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n", False))
         else:
             parts.append(("text", ASSISTANT + "\n", False))
         parts.extend(_content_parts(m.content, loss=True))

@@ -93,16 +93,23 @@ def test_document_labels_all_text_and_eos(demo_tokenizer):
     assert images[0].pixel_values.shape == (16, 1176)
 
 
-def test_grpo_prompt_is_the_training_prefix(demo_tokenizer):
+@pytest.mark.parametrize("reasoning", ["Five.", None])
+def test_grpo_prompt_is_the_training_prefix(demo_tokenizer, reasoning):
+    """The generation prompt of each mode tokenizes exactly like the training sequence up to the
+    first supervised token, so a model is trained on what it will be asked to continue."""
     sample = Sample("c", "counting", "counting", [], [
         Message("user", [image("img0.png"), text("How many dots?")]),
-        Message("assistant", [text("\\boxed{5}")], reasoning="Five."),
+        Message("assistant", [text("\\boxed{5}")], reasoning=reasoning),
     ], {"answer": "5"}, {"img0.png": _png(112, 112)})
-    prompt = render_grpo_prompt(sample, demo_tokenizer, SETTINGS)
-    assert prompt.text == "[|user|]\n<vision><|image_pad|></vision>How many dots?[|endofturn|]\n[|assistant|]\n<think>\n"
+    prompt = render_grpo_prompt(sample, demo_tokenizer, SETTINGS, enable_thinking=reasoning is not None)
+    head = "[|user|]\n<vision><|image_pad|></vision>How many dots?[|endofturn|]\n[|assistant|]\n<think>\n"
+    assert prompt.text == (head if reasoning else head + "\n</think>\n\n")
     full = tokenize_sample(sample, demo_tokenizer, SETTINGS)
-    assert full.input_ids[: len(prompt.input_ids)] == prompt.input_ids
-    assert full.labels[len(prompt.input_ids) - 1] == IGNORE and full.labels[len(prompt.input_ids)] != IGNORE
+    n = len(prompt.input_ids)
+    assert full.input_ids[:n] == prompt.input_ids
+    assert set(full.labels[:n]) == {IGNORE} and full.labels[n] != IGNORE
+    answer = demo_tokenizer.decode([t for t, lab in zip(full.input_ids, full.labels) if lab != IGNORE])
+    assert answer == ("Five.\n</think>\n\n" if reasoning else "") + "\\boxed{5}[|endofturn|]"
     assert tuple(prompt.pixel_values.shape) == (64, 1176) and prompt.image_grid_thw.tolist() == [[1, 8, 8]]
     assert np.array_equal(prompt.pixel_values.numpy(), full.images[0].pixel_values)
     assert [m.role for m in prompt.messages] == ["user"]
