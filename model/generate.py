@@ -100,3 +100,60 @@ def generate(
         out_logprobs.append(row_lp[:cut])
         finished.append(cut < len(row_tok) or (bool(row_tok) and row_tok[-1] in set(stop_ids)))
     return Generation(out_tokens, out_logprobs, finished)
+
+
+@torch.no_grad()
+def generate_speculative(
+    model: Exaone45, prompt: Sequence[int], *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
+    pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
+) -> tuple[list[int], float]:
+    """Greedy decoding with the MTP head as a one-token draft model (self-speculative decoding).
+
+    Each step the trunk checks the certain next token and the MTP draft after it in one forward;
+    a correct draft is kept (two tokens for one trunk step), a wrong one is dropped from the cache.
+    The output equals plain greedy decoding. Returns (new tokens, fraction of drafts accepted)."""
+    if model.mtp is None:
+        raise ValueError("generate_speculative needs a model with MTP layers (text_config.num_nextn_predict_layers > 0)")
+    device = next(model.parameters()).device
+    cache = KVCache(extra=1)
+    stop = set(stop_ids)
+
+    def trunk(ids, start, pixels=None, grid=None):
+        slots = torch.arange(start, start + len(ids), device=device)[None]
+        cache.slots, cache.valid = slots, torch.ones_like(slots, dtype=torch.bool)
+        h = model.embed(torch.tensor([ids], device=device), pixels, grid)
+        return model.language_model(h, model.rope(slots, h.dtype), None, cache)
+
+    def draft(hidden, next_ids, start):
+        slots = torch.arange(start, start + len(next_ids), device=device)[None]
+        cache.slots, cache.valid = slots, torch.ones_like(slots, dtype=torch.bool)
+        nxt = model.language_model.embed_tokens(torch.tensor([next_ids], device=device))
+        out = model.mtp(hidden, nxt, model.rope(slots, hidden.dtype), None, cache)
+        return int(model.lm_head(out[:, -1]).argmax(-1))
+
+    n = len(prompt)
+    hidden = trunk(list(prompt), 0, pixel_values, image_grid_thw)
+    token = int(model.lm_head(hidden[:, -1]).argmax(-1))
+    guess = draft(hidden, list(prompt[1:]) + [token], 0)
+    out, proposed, accepted = [], 0, 0
+    while True:
+        out.append(token)
+        if token in stop or len(out) >= max_new_tokens:
+            break
+        hidden = trunk([token, guess], n)
+        checked = model.lm_head(hidden[0]).argmax(-1).tolist()
+        proposed += 1
+        if checked[0] == guess:  # the draft was right: two tokens for one trunk step
+            accepted += 1
+            out.append(guess)
+            if guess in stop or len(out) >= max_new_tokens:
+                break
+            token = checked[1]
+            guess = draft(hidden, [guess, token], n)
+            n += 2
+        else:
+            cache.truncate(1)
+            token = checked[0]
+            guess = draft(hidden[:, :1], [token], n)
+            n += 1
+    return out, accepted / max(proposed, 1)

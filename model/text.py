@@ -22,10 +22,15 @@ class KVCache:
     attended to again; global layers keep everything.
     """
 
-    def __init__(self):
+    def __init__(self, extra: int = 0):
         self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self.slots: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
+        self.extra = extra  # slots kept beyond the window, so the last `extra` entries can be dropped
+
+    def truncate(self, n: int) -> None:
+        """Forget the last n entries of every layer (rejected speculative tokens)."""
+        self.layers = {i: tuple(t[:, :, :-n] if t.dim() == 4 else t[:, :-n] for t in entry) for i, entry in self.layers.items()}
 
     def update(self, layer: int, k, v, window: Optional[int]):
         slots, valid = self.slots, self.valid
@@ -33,7 +38,7 @@ class KVCache:
             pk, pv, ps, pval = self.layers[layer]
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
             slots, valid = torch.cat([ps, slots], 1), torch.cat([pval, valid], 1)
-        keep = k.shape[2] if window is None else max(window - 1, 0)
+        keep = k.shape[2] if window is None else max(window - 1, 0) + self.extra
         start = max(k.shape[2] - keep, 0)
         self.layers[layer] = (k[:, :, start:], v[:, :, start:], slots[:, start:], valid[:, start:])
         zeros_q, zeros_k = torch.zeros_like(self.slots), torch.zeros_like(slots)
