@@ -147,9 +147,27 @@ def setup(cfg, build_loader: Callable, d: Optional[Dist] = None) -> Run:
         run.step, run.tokens, run.bad_steps = extra["step"], extra["tokens"], extra["bad_steps"]
         run.extra_state = extra.get("loop", {})
     run.metrics = Metrics(str(run_dir), cfg, d.is_main, cfg.train.steps, run.step, OmegaConf.to_container(cfg))
+    if run.metrics.wandb is not None and cfg.wandb.log_images and run.step == 0:
+        run.metrics.log_images(*sample_images(cfg, tokenizer, cfg.wandb.log_images))
     if resume is not None and d.is_main:
         print(f"resumed from {resume} at step {run.step}", flush=True)
     return run
+
+
+def sample_images(cfg, tokenizer, n: int) -> tuple[list, list[str]]:
+    """The first n training images of the mixture and the text around them, for the dashboard."""
+    from data.mixture import build_sample_stream
+
+    images, captions = [], []
+    for _, sample in zip(range(50 * n), build_sample_stream(cfg.data, tokenizer=tokenizer)):
+        segments = list(sample.segments) + [s for m in sample.messages or () for s in m.content]
+        text = " ".join(s.text for s in segments if s.type == "text")[:300]
+        for name in sample.image_names()[:1]:
+            images.append(sample.load_image(name))
+            captions.append(f"[{sample.task}] {text}")
+        if len(images) >= n:
+            break
+    return images, captions
 
 
 def save_checkpoint(run: Run) -> None:
