@@ -121,17 +121,27 @@ def data_root(cfg: DataConfig) -> Path:
 
 def ensure_demo_corpus(cfg: DataConfig) -> Path:
     """Build the demo corpus at the root when it is missing: once, under a file lock, in a staging
-    folder inside the root whose parts move into place with manifest.json (the completion mark) last."""
+    folder inside the root whose parts move into place with manifest.json (the completion mark) last.
+    The repo's default root is also rebuilt when its corpus is of an older generator version; an
+    explicit root never is (a warning says so), and a non-empty root without a manifest is an error."""
     root = data_root(cfg)
-    if cfg.name != "demo" or not cfg.build_demo or (root / "manifest.json").exists():
+    if cfg.name != "demo" or not cfg.build_demo or _demo_is_current(root):
         return root
+    manifest = root / "manifest.json"
+    if manifest.exists() and cfg.root:
+        log.warning("data: the demo corpus at %s was built by an older version of data/demo; "
+                    "rebuild it with python -m data.demo build --out %s", root, root)
+        return root
+    if not manifest.exists() and root.is_dir() and any(p.name != ".lock" for p in root.iterdir()):
+        raise FileExistsError(f"data.root={root} is not empty and holds no demo corpus (no manifest.json); "
+                              "use an empty directory, or data.build_demo=false for your own shards")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "manifest.json").exists():
+        if not _demo_is_current(root):
             from .demo.build import build_demo
 
-            log.warning("data: building the demo corpus at %s (first use)", root)
+            log.warning("data: building the demo corpus at %s (%s)", root, "older version" if manifest.exists() else "first use")
             staging = root / ".staging"
             shutil.rmtree(staging, ignore_errors=True)
             build_demo(staging, scale=cfg.demo_scale)
@@ -140,6 +150,17 @@ def ensure_demo_corpus(cfg: DataConfig) -> Path:
                 (staging / part).rename(root / part)
             shutil.rmtree(staging)
     return root
+
+
+def _demo_is_current(root: Path) -> bool:
+    """A complete demo corpus of the generator version in this checkout (one built with an explicit
+    --out by hand counts as current only if its manifest says so)."""
+    from .demo.corpus import VERSION
+
+    try:
+        return json.loads((root / "manifest.json").read_text()).get("version") == VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def source_shards(cfg: DataConfig, split: str, names: Optional[list[str]] = None) -> dict[str, list[str]]:

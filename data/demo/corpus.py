@@ -9,10 +9,10 @@ Every source is generated from a seeded RNG, so a build is reproducible. Images 
 | interleaved | interleaved | two or three digits, each followed by its name, then their sum         | answer         |
 | ocr         | ocr         | chat: read 3-5 rendered characters                                     | text           |
 | document    | document    | chat: a rendered 3-line key/value page, asked for one value            | answer         |
-| grounding   | grounding   | chat: two shapes, box of the named one in [0, 1000]                    | boxes, answer  |
-| counting    | counting    | chat: 1-9 dots (counts balanced), answer in \\boxed{}                   | answer         |
+| grounding   | grounding   | chat: two shapes on the token grid, box of the named one in [0, 1000]  | boxes, answer  |
+| counting    | counting    | chat: 1-9 dots, one per token cell at most (counts balanced), \\boxed{} | answer         |
 | text        | text        | paragraphs of the standard library's documentation (pydoc_data)        |                |
-| math        | math        | chat: arithmetic and word problems, answer in \\boxed{}                 | answer         |
+| math        | math        | chat: mostly one-digit arithmetic and word problems, \\boxed{} answer   | answer         |
 | stem        | stem        | chat: an arithmetic problem rendered as an image, answer in \\boxed{}   | answer         |
 | chat        | chat        | chat: digit recognition, two-turn arithmetic, small talk                | answer, label  |
 
@@ -219,13 +219,30 @@ def gen_document(rng: random.Random, sid: str, split: str) -> Sample:
     return _chat(sid, "document", _system(rng), turns, meta, {"img0.png": _png(im)})
 
 
+CELL = 28  # one image token covers 28 x 28 pixels (patch 14, merge 2); scenes are laid out on this grid
+
+
+def _cells(rng: random.Random, n: int, grid: int = 4) -> list[tuple[int, int]]:
+    return [divmod(c, grid) for c in rng.sample(range(grid * grid), n)]
+
+
 def gen_grounding(rng: random.Random, sid: str, split: str) -> Sample:
+    """Two shapes, each filling a 1x1 or 2x2 block of token cells: boxes take few distinct values,
+    which a tiny model can learn to read off its image tokens."""
     kinds = rng.sample([(c, s) for c in sorted(COLORS) for s in SHAPES], 2)
-    boxes = _place(rng, 112, [rng.randrange(20, 45) for _ in kinds], gap=4)
+    while True:
+        sizes = [rng.choice([1, 2]) for _ in kinds]
+        corners = [(rng.randrange(5 - k), rng.randrange(5 - k)) for k in sizes]
+        blocks = [{(r + i, c + j) for i in range(k) for j in range(k)} for (r, c), k in zip(corners, sizes)]
+        if not blocks[0] & blocks[1]:
+            break
     im = Image.new("RGB", (112, 112), "white")
     draw = ImageDraw.Draw(im)
-    for (color, shape), box in zip(kinds, boxes):
+    boxes = []
+    for (color, shape), (r, c), k in zip(kinds, corners, sizes):
+        box = (c * CELL + 3, r * CELL + 3, (c + k) * CELL - 3, (r + k) * CELL - 3)
         _draw_shape(draw, shape, box, COLORS[color])
+        boxes.append(box)
     t = rng.randrange(2)
     norm = [round(v * 1000 / 112) for v in boxes[t]]
     answer = f"[{norm[0]}, {norm[1]}, {norm[2]}, {norm[3]}]"
@@ -236,12 +253,16 @@ def gen_grounding(rng: random.Random, sid: str, split: str) -> Sample:
 
 
 def gen_counting(rng: random.Random, sid: str, split: str, index: int = 0) -> Sample:
-    count = index % 9 + 1  # balanced over 1..9
+    """1-9 dots (balanced), at most one per token cell, jittered inside it: counting is then a sum
+    over image tokens."""
+    count = index % 9 + 1
     color = rng.choice(sorted(COLORS))
     im = Image.new("RGB", (112, 112), "white")
     draw = ImageDraw.Draw(im)
-    for box in _place(rng, 112, [14] * count, gap=3):
-        draw.ellipse(box, fill=COLORS[color])
+    for r, c in _cells(rng, count):
+        d = rng.randrange(12, 19)
+        x, y = c * CELL + rng.randrange(1, CELL - d), r * CELL + rng.randrange(1, CELL - d)
+        draw.ellipse((x, y, x + d, y + d), fill=COLORS[color])
     question = rng.choice(["How many dots are in the image?", f"Count the {color} dots."])
     reasoning = None
     if _reasoning_mode(rng):
@@ -287,9 +308,12 @@ def split_of(question: str) -> str:
     return "heldout" if zlib.crc32(question.encode()) % 10 == 0 else "train"
 
 
+MATH_LEVELS = (0.30, 0.20, 0.15, 0.15, 0.20)  # mostly one-digit operands: learnable in a few hundred steps
+
+
 def math_problem(rng: random.Random, split: str) -> tuple[str, str, int]:
     """(question, worked step, answer) of the split, at one of five difficulty levels."""
-    level = rng.randrange(5)
+    level = rng.choices(range(len(MATH_LEVELS)), MATH_LEVELS)[0]
     while True:
         question, step, answer = _math_at_level(rng, level)
         if split_of(question) == split:
@@ -297,21 +321,21 @@ def math_problem(rng: random.Random, split: str) -> tuple[str, str, int]:
 
 
 def _math_at_level(rng: random.Random, level: int) -> tuple[str, str, int]:
-    if level == 0:
+    if level == 0:  # one-digit sums
         a, b = rng.randrange(10), rng.randrange(10)
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
-    if level == 1:
-        a = rng.randrange(10, 100)
-        b = rng.randrange(0, a + 1)
+    if level == 1:  # one-digit differences, never negative
+        a = rng.randrange(10)
+        b = rng.randrange(a + 1)
         return f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", a - b
-    if level == 2:
-        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
-    if level == 3:
+    if level == 2:  # the multiplication table
         a, b = rng.randrange(2, 10), rng.randrange(2, 10)
         return f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", a * b
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randrange(2, 30), rng.randrange(2, 30)
+    if level == 3:  # two digits plus one
+        a, b = rng.randrange(10, 50), rng.randrange(1, 10)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)  # word problems over one-digit numbers
+    a, b = rng.randrange(1, 10), rng.randrange(1, 10)
     if rng.random() < 0.5:
         q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         return q, f"{name} has {a} + {b} = {a + b} {item}.", a + b
@@ -408,5 +432,8 @@ def default_counts(scale: float = 1.0) -> dict[str, int]:
     return {k: max(1, math.ceil(v * scale)) for k, v in base.items()}
 
 
+VERSION = 2  # bump when generated content changes: a corpus built on first use is then rebuilt
+
+
 def manifest_json(counts: dict, heldout: dict, seed: int) -> str:
-    return json.dumps({"name": "demo", "seed": seed, "train": counts, "heldout": heldout}, indent=1)
+    return json.dumps({"name": "demo", "version": VERSION, "seed": seed, "train": counts, "heldout": heldout}, indent=1)

@@ -194,9 +194,21 @@ def test_sample_stream_for_prompts_resumes(demo_corpus, demo_tokenizer):
     assert [s.id for _, s in zip(range(5), again)] == expected
 
 
-def test_demo_corpus_is_built_on_first_use(tmp_path, demo_tokenizer):
+def test_demo_corpus_is_built_on_first_use(tmp_path, demo_tokenizer, caplog):
     root = tmp_path / "corpus"
     cfg = _cfg(root, demo_scale=0.002, num_workers=0)
     loader = build_loader(cfg, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=1, seq_len=256)
     assert (root / "manifest.json").exists() and (root / "tokenizer" / "tokenizer.json").exists()
     assert next(iter(loader)).num_tokens > 0
+    # an explicit root built by an older generator is left alone, with a warning
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
+    with caplog.at_level(logging.WARNING, logger="data.mixture"):
+        build_loader(cfg, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=1, seq_len=256)
+    assert "older version" in caplog.text and json.loads((root / "manifest.json").read_text())["version"] == 0
+    # a non-empty directory that is not a demo corpus is never overwritten
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_loader(_cfg(tmp_path / "mine"), tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0,
+                     micro_batch_size=1, seq_len=256)
