@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 

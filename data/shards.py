@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .schema import SchemaError, Sample, _segments
+from .schema import SchemaError, Sample
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -39,7 +38,6 @@ from .schema import Message, Sample, Segment, _segments
 
 IGNORE = -100
 IMAGE_PLACEHOLDER = "<vision><|image_pad|></vision>"
-DEMO_TOKENIZER_DIR = Path(__file__).resolve().parent / "demo"
 
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

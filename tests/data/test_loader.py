@@ -1,19 +1,16 @@
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data.mixture import (DataConfig, SlotStream, build_loader, build_sample_stream, iter_heldout, source_shards,
-                          _spec)
-from data.shards import iter_tar, list_shards, write_shards
+from data.mixture import DataConfig, SlotStream, _spec, build_loader, build_sample_stream, iter_heldout
+from data.shards import iter_tar, list_shards
 
-from .helpers import caption, make_bad_shards, qa
+from .helpers import make_bad_shards
 from .test_packing import check_batch
 
 
