@@ -108,7 +108,7 @@ def test_vision_tokens_end_a_completion(demo_corpus, demo_tokenizer):
     model = build_model(preset("tiny"))
     model.lm_head = ImageTokenHead()
     prompts = _prompts(demo_corpus, demo_tokenizer)
-    tokens, finished = sample_completions(model, prompts, GRPOConfig(temperature=0.0, presence_penalty=0.0),
+    tokens, finished = sample_completions(model, prompts, GRPOConfig(temperature=0.0, presence_penalty=0.0, max_new_tokens=4),
                                           stop_id=53, pad_id=0, generator=None, batch_size=8)
     assert all(t == [] for t in tokens) and not any(finished)
 
