@@ -16,7 +16,7 @@ def demo_batches(demo_corpus, demo_tokenizer):
     from data.mixture import build_loader, to_data_config
 
     cfg = to_data_config({"root": str(demo_corpus), "num_workers": 0, "seq_len": 256})
-    train = build_loader(cfg, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=2, seq_len=256)
+    train = build_loader(cfg, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=1, seq_len=256)
     held = build_loader(cfg, tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=2, seq_len=256, split="heldout")
     return [b for _, b in zip(range(STEPS), train)], [b for _, b in zip(range(12), held)]
 
