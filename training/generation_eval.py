@@ -1,0 +1,169 @@
+"""Held-out generation metrics: greedy answers to held-out prompts, scored by the task rewards.
+
+    from training.generation_eval import evaluate_generation
+    evaluate_generation(model, tokenizer, cfg.data, tasks=("math", "digits"), limit_per_task=64,
+                        max_new_tokens=48, rank=d.rank, world=d.world)
+    -> {"gen/math": 0.31, "gen/math/count": 64, "gen/digits": 0.55, "gen/digits/count": 21}
+
+A task's prompts are the first `limit_per_task` held-out samples of its source that qualify
+(`data.mixture.iter_heldout`, a fixed order), rendered with the chat template's generation prompt
+(`data.text.render_grpo_prompt`); rank r of `world` answers every world-th of them and the sums are
+all-reduced, so every rank returns the same numbers. Decoding is greedy through `model.generate`
+(KV cache), stopping at end-of-turn. The prompt is the template's generation prompt of the chosen
+mode, which tokenizes exactly as the training sequences of that mode do (data/text.py):
+`enable_thinking=False` (the default) ends it with the empty think block, so the completion is the
+answer (short, cheap to decode); `True` ends it with `<think>\\n` and the model reasons first.
+
+| task      | held-out source          | metric (rl/rewards.py)                       |
+|-----------|--------------------------|----------------------------------------------|
+| math      | math                     | math_boxed: last \\boxed{} equals the answer |
+| digits    | chat, digit-image chats  | math_boxed against the digit label           |
+| counting  | counting                 | counting: the boxed count                    |
+| document  | document                 | math_boxed                                   |
+| stem      | stem                     | math_boxed                                   |
+| grounding | grounding                | grounding: IoU of the last box               |
+| ocr       | ocr                      | ocr: 1 - normalized edit distance            |
+
+`model` may be a plain Exaone45, a DeepSpeed engine (its module is used) or an FSDP2-wrapped
+model: then every rank gathers the full weights once (unshard, no resharding after each forward),
+generates with no collectives at all (ranks may run different numbers of decoding steps), and
+reshards. A context-parallel model decodes with plain attention (prompts are not sharded).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from data.mixture import iter_heldout, to_data_config
+from data.schema import Sample
+from data.text import render_grpo_prompt
+from model.attention import attention
+from model.generate import generate
+from rl import rewards
+
+
+@dataclass(frozen=True)
+class Task:
+    source: str
+    metric: Callable[[str, Any], float]
+    keep: Callable[[Sample], bool] = lambda s: True
+
+
+TASKS = {
+    "math": Task("math", rewards.math_boxed),
+    "digits": Task("chat", rewards.math_boxed, lambda s: "label" in s.meta and s.is_chat),
+    "counting": Task("counting", rewards.counting),
+    "document": Task("document", rewards.math_boxed),
+    "stem": Task("stem", rewards.math_boxed),
+    "grounding": Task("grounding", rewards.grounding),
+    "ocr": Task("ocr", rewards.ocr),
+}
+
+
+def heldout_prompts(data_cfg, task: str, limit: int, rank: int = 0, world: int = 1) -> list[Sample]:
+    """This rank's share of the task's first `limit` qualifying held-out samples."""
+    if task not in TASKS:
+        raise ValueError(f"generation eval task {task!r}: expected one of {sorted(TASKS)}")
+    spec = TASKS[task]
+    chosen = []
+    for sample in iter_heldout(data_cfg, sources=[spec.source]):
+        if len(chosen) >= limit:
+            break
+        if spec.keep(sample):
+            chosen.append(sample)
+    return chosen[rank::world]
+
+
+def complete(model, tokenizer, samples: Sequence[Sample], data_cfg, *, max_new_tokens: int = 48,
+             enable_thinking: bool = False, batch_size: int = 32) -> list[str]:
+    """Greedy completions (text, without the stop token) of the samples' generation prompts."""
+    cfg = to_data_config(data_cfg)
+    stop = cfg.end_of_turn_token_id
+    out: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        prompts = [render_grpo_prompt(s, tokenizer, cfg.image_settings, cfg.special_tokens, enable_thinking)
+                   for s in samples[i : i + batch_size]]
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+        device = next(model.parameters()).device
+        gen = generate(model, [p.input_ids for p in prompts], max_new_tokens=max_new_tokens, stop_ids=[stop],
+                       pad_id=cfg.pad_token_id,
+                       pixel_values=torch.cat(pixels).to(device) if pixels else None,
+                       image_grid_thw=torch.cat(grids).to(device) if grids else None)
+        for tokens in gen.tokens:
+            tokens = tokens[:-1] if tokens and tokens[-1] == stop else tokens
+            out.append(tokenizer.decode(tokens, skip_special_tokens=False))
+    return out
+
+
+def evaluate_generation(model, tokenizer, data_cfg, tasks: Sequence[str] = ("math", "digits", "counting"),
+                        limit_per_task: int = 64, max_new_tokens: int = 48, rank: int = 0, world: int = 1,
+                        enable_thinking: bool = False, batch_size: int = 32) -> dict[str, float]:
+    """{"gen/<task>": mean score, "gen/<task>/count": prompts scored} over all ranks (see the module doc).
+    Every rank of the process group must call it (the sums are all-reduced)."""
+    sums = []
+    with generation_mode(model) as plain:
+        for task in tasks:
+            samples = heldout_prompts(data_cfg, task, limit_per_task, rank, world)
+            texts = complete(plain, tokenizer, samples, data_cfg, max_new_tokens=max_new_tokens,
+                             enable_thinking=enable_thinking, batch_size=batch_size)
+            sums += [sum(TASKS[task].metric(t, s.meta) for t, s in zip(texts, samples)), len(samples)]
+    totals = _all_reduce(sums, plain_device(model))
+    row = {}
+    for i, task in enumerate(tasks):
+        total, count = totals[2 * i], totals[2 * i + 1]
+        row[f"gen/{task}"] = total / count if count else float("nan")
+        row[f"gen/{task}/count"] = count
+    return row
+
+
+def plain_device(model) -> torch.device:
+    return next(getattr(model, "module", model).parameters()).device
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@contextmanager
+def generation_mode(model) -> Iterator[Any]:
+    """The module to decode with: eval mode, full weights on every rank (FSDP2 unsharded), plain
+    attention, no blank vision pass; everything restored afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
+    was_training, blank_vision = module.training, getattr(module, "vision_in_every_step", False)
+    attn = [m for m in module.modules() if hasattr(m, "attention_fn")]
+    saved_fns = [m.attention_fn for m in attn]
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    module.eval()
+    module.vision_in_every_step = False
+    for m in attn:
+        m.attention_fn = attention
+    if fsdp:
+        with torch.no_grad():  # the first forward through the root makes it FSDP's root (lazy init)
+            module(torch.zeros(1, 1, dtype=torch.long, device=plain_device(module)))
+        module.set_reshard_after_forward(False)
+        for m in fsdp:
+            m.unshard()
+    try:
+        yield module
+    finally:
+        for m in fsdp:
+            m.reshard()
+        if fsdp:
+            module.set_reshard_after_forward(True)
+            module.set_reshard_after_forward(False, recurse=False)  # FSDP2's setting for the root
+        for m, fn in zip(attn, saved_fns):
+            m.attention_fn = fn
+        module.vision_in_every_step = blank_vision
+        module.train(was_training)
