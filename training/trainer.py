@@ -132,8 +132,10 @@ def setup(cfg, build_loader: Callable, d: Optional[Dist] = None) -> Run:
     scheduler = build_scheduler(optimizer, cfg.train)
     model = module
     if cfg.parallel.engine == "deepspeed":
+        # DeepSpeed knows no cp group: it averages gradients over every rank, as forward_loss's scale
+        # assumes, and counts every rank in its (bookkeeping) batch size
         ds = deepspeed_config(cfg.parallel.zero_stage, cfg.train.grad_accum, cfg.train.micro_batch_size,
-                              cfg.train.grad_clip, cfg.train.dtype == "bf16", d.dp)
+                              cfg.train.grad_clip, cfg.train.dtype == "bf16", d.world)
         model, _ = init_deepspeed(module, optimizer, ds)
     from data.text import load_tokenizer
 
@@ -198,8 +200,10 @@ def forward_loss(run: Run, batch, global_tokens: float, global_mtp_tokens: float
 def train_step(run: Run, batches: list) -> dict:
     """One optimizer step over grad_accum micro-batches; a non-finite loss or gradient skips it."""
     d, tc = run.d, run.cfg.train
-    counts = all_reduce_sum([sum(b.num_label_tokens for b in batches), sum(_mtp_tokens(b) for b in batches),
-                             sum(b.num_tokens for b in batches)], d.device)
+    # the ranks of one context-parallel group hold the same batch: count it once
+    counts = [c / d.cp for c in all_reduce_sum([sum(b.num_label_tokens for b in batches),
+                                                sum(_mtp_tokens(b) for b in batches),
+                                                sum(b.num_tokens for b in batches)], d.device)]
     stats, finite = {"lm": 0.0, "mtp": 0.0, "task": {}}, True
     for batch in batches:
         loss, out = forward_loss(run, batch, counts[0], counts[1])
@@ -211,7 +215,7 @@ def train_step(run: Run, batches: list) -> dict:
         run.model.backward(loss) if run.is_deepspeed else loss.backward()
         stats["lm"] += out.lm_loss_sum.item()
         stats["mtp"] += out.mtp_loss_sum.item() if out.mtp_loss_sum is not None else 0.0
-        _loss_per_task(out, batch, stats["task"])
+        _loss_per_task(out, batch, stats["task"], d)
     if run.is_deepspeed:
         if not finite:
             for g in run.optimizer.param_groups:
@@ -237,13 +241,17 @@ def _mtp_tokens(batch) -> int:
     return int((prepare_inputs(batch.input_ids, batch.labels, batch.cu_seqlens).mtp_targets != -100).sum())
 
 
-def _loss_per_task(out, batch, acc: dict) -> None:
+def _loss_per_task(out, batch, acc: dict, d: Dist) -> None:
     if out.token_loss is None:
         return
     from data.schema import TASKS
 
     has = out.token_loss != 0
     task_ids = batch.task_ids.to(out.token_loss.device)
+    if d.cp > 1:  # this rank's tokens of the sequence
+        from .context_parallel import local_token_index
+
+        task_ids = task_ids[:, local_token_index(task_ids.shape[1], d.cp, d.cp_rank, task_ids.device)]
     for i in task_ids[has].unique().tolist():
         sel = has & (task_ids == i)
         s, n = acc.get(TASKS[i], (0.0, 0))

@@ -45,6 +45,24 @@ def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
 
 
+def test_context_parallel_training_matches_one_process(tmp_path, fixed_batches, demo_corpus):
+    """parallel.cp=2 on 2 ranks (both hold the same batch, each half of its sequence) trains like one
+    process: losses, per-task losses and token counts within 1e-5, gradient norms within 1e-4; both
+    CP kernels (all-gather under FSDP2, Ulysses under DeepSpeed)."""
+    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus), fixed_batches)
+    for impl, engine in (("allgather", "fsdp2"), ("ulysses", "deepspeed")):
+        cp = run_workers(2, _overrides(tmp_path, impl, demo_corpus, "parallel.cp=2", f"parallel.cp_impl={impl}",
+                                       f"parallel.engine={engine}"), fixed_batches)
+        assert len(one) == len(cp) == 4
+        for a, b in zip(one, cp):
+            assert a["tokens"] == b["tokens"]
+            tasks = [k for k in a if k.startswith("loss/")]
+            assert tasks and tasks == [k for k in b if k.startswith("loss/")]
+            for key in ("lm_loss", "mtp_loss", "loss", *tasks):
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (impl, key, a[key], b[key])
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]  # fp32 sums in another order
+
+
 def _preemptible(tmp, demo_corpus):
     return TINY + [f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=8", "train.micro_batch_size=1",
                    "checkpoint.every=2", "checkpoint.keep=5", "train.warmup_steps=2"]
