@@ -17,7 +17,8 @@ are read in strict rotation; on restore the rotation restarts at the slot whose 
 
 Stages of a curriculum are runs with their own mixture: `data.stages.<stage>` (picked by the launcher
 for `stage=<stage>`) or a recipe that sets `data.mixture`.
-`split="heldout"` reads every source's held-out shards once, in order, unshuffled.
+`split="heldout"` reads every source's held-out shards once, in order, unshuffled, mixed by the same
+seeded weighted draw (so the first few held-out batches already cover every task of the mixture).
 """
 
 from __future__ import annotations
@@ -257,16 +258,13 @@ class SlotStream:
         self.examples.setdefault(reason, message)
 
     def next_raw(self) -> Optional[tuple[str, RawSample]]:
-        """The mixture: a weighted draw over the sources that still have samples (heldout: in order)."""
+        """The mixture: a seeded weighted draw over the sources that still have samples."""
         while True:
             live = [n for n, r in self.readers.items() if not r.exhausted]
             if not live:
                 return None
-            if self.spec.sequential:
-                name = live[0]
-            else:
-                w = np.array([self.spec.weights[n] for n in live], dtype=np.float64)
-                name = live[int(np.searchsorted(np.cumsum(w / w.sum()), self.rng.random(), side="right").clip(0, len(live) - 1))]
+            w = np.array([self.spec.weights[n] for n in live], dtype=np.float64)
+            name = live[int(np.searchsorted(np.cumsum(w / w.sum()), self.rng.random(), side="right").clip(0, len(live) - 1))]
             raw = self.readers[name].next()
             if raw is not None:
                 return name, raw

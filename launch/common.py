@@ -43,6 +43,25 @@ def loader_factory(split: str = "train"):
     return build
 
 
+def deepspeed_launcher_args(argv: list[str], environ=os.environ) -> list[str]:
+    """Hydra overrides from argv: DeepSpeed's launcher adds `--local_rank=N` (Hydra would reject it;
+    the rank is in LOCAL_RANK too) and, under that launcher, `parallel.engine=deepspeed` unless the
+    command line names an engine."""
+    out, launched, skip = [], "CROSS_RANK" in environ and "TORCHELASTIC_RUN_ID" not in environ, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            launched = True
+        elif arg in ("--local_rank", "--local-rank"):
+            launched, skip = True, True
+        else:
+            out.append(arg)
+    if launched and not any(a.lstrip("+~").startswith("parallel.engine=") for a in out):
+        out.append("parallel.engine=deepspeed")
+    return out
+
+
 def finish() -> None:
     """Tear the process group down, then exit at once: interpreter shutdown after a torchrun run
     occasionally aborted (SIGABRT) on CPU."""

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.common import RECIPES, finish, loader_factory, resolve_config  # noqa: E402
+from launch.common import RECIPES, deepspeed_launcher_args, finish, loader_factory, resolve_config  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="pretrain", version_base="1.3")
@@ -42,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = deepspeed_launcher_args(sys.argv[1:])
     main()

@@ -24,26 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.common import RECIPES, finish, loader_factory, resolve_config  # noqa: E402
-
-
-def deepspeed_launcher_args(argv: list[str], environ=os.environ) -> list[str]:
-    """Hydra overrides from argv: DeepSpeed's launcher adds `--local_rank=N` (Hydra would reject it;
-    the rank is in LOCAL_RANK too) and, under that launcher, `parallel.engine=deepspeed` unless the
-    command line names an engine."""
-    out, launched, skip = [], "CROSS_RANK" in environ and "TORCHELASTIC_RUN_ID" not in environ, False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            launched = True
-        elif arg in ("--local_rank", "--local-rank"):
-            launched, skip = True, True
-        else:
-            out.append(arg)
-    if launched and not any(a.lstrip("+~").startswith("parallel.engine=") for a in out):
-        out.append("parallel.engine=deepspeed")
-    return out
+from launch.common import RECIPES, deepspeed_launcher_args, finish, loader_factory, resolve_config  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="sft", version_base="1.3")

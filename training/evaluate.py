@@ -1,6 +1,9 @@
-"""Held-out evaluation during training: loss per task on the held-out split, averaged over ranks."""
+"""Held-out evaluation: loss per task on the held-out split, averaged over ranks (during training),
+or of any model on any batches (training/report.py)."""
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 
@@ -10,7 +13,6 @@ from .distributed import all_reduce_sum
 def heldout_loss(run) -> dict:
     """{'eval/loss': ..., 'eval/loss/<task>': ...} over cfg.eval.batches held-out batches per rank."""
     from data.mixture import build_loader
-    from data.schema import TASKS
 
     cfg, d = run.cfg, run.d
     if run.heldout is None:  # the same held-out batches at every evaluation
@@ -19,20 +21,37 @@ def heldout_loss(run) -> dict:
         run.heldout = (loader, loader.state_dict())
     loader, start = run.heldout
     loader.load_state_dict(start)
+    sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device)
+    return loss_row(all_reduce_sum(sums, d.device))
+
+
+def task_loss_sums(model, batches: Iterable, device) -> list[float]:
+    """[loss sum, label tokens] per task of data.schema.TASKS, flattened, over `batches` (eval mode,
+    no gradients; the model's training mode is restored)."""
+    from data.schema import TASKS
+
+    module = getattr(model, "module", model)
+    was_training = module.training
     sums = torch.zeros(len(TASKS), 2, dtype=torch.float64)
-    run.module.eval()
+    module.eval()
     with torch.no_grad():
-        for _, batch in zip(range(cfg.eval.batches), loader):
-            batch = batch.to(d.device)
-            out = run.model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
-                            position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
+        for batch in batches:
+            batch = batch.to(device)
+            out = model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
+                        position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
             has = out.token_loss != 0
             for i in batch.task_ids[has].unique().tolist():
                 sel = has & (batch.task_ids == i)
                 sums[i, 0] += out.token_loss[sel].sum().item()
                 sums[i, 1] += int(sel.sum())
-    run.module.train()
-    flat = all_reduce_sum(sums.flatten().tolist(), d.device)
+    module.train(was_training)
+    return sums.flatten().tolist()
+
+
+def loss_row(flat: list[float]) -> dict:
+    """The metrics row of task_loss_sums' numbers: mean loss per task and over all label tokens."""
+    from data.schema import TASKS
+
     row, total, count = {}, 0.0, 0
     for i, task in enumerate(TASKS):
         s, n = flat[2 * i], flat[2 * i + 1]

@@ -145,7 +145,7 @@ def test_long_context_recipe_keeps_the_released_rope():
 
 
 def test_deepspeed_launcher_arguments():
-    from launch.sft import deepspeed_launcher_args
+    from launch.common import deepspeed_launcher_args
 
     assert deepspeed_launcher_args(["--local_rank=1", "model=tiny"], {}) == ["model=tiny", "parallel.engine=deepspeed"]
     assert deepspeed_launcher_args(["--local_rank", "0", "parallel.engine=fsdp2"], {}) == ["parallel.engine=fsdp2"]
