@@ -17,8 +17,9 @@ are read in strict rotation; on restore the rotation restarts at the slot whose 
 
 Stages of a curriculum are runs with their own mixture: `data.stages.<stage>` (picked by the launcher
 for `stage=<stage>`) or a recipe that sets `data.mixture`.
-`split="heldout"` reads every source's held-out shards once, in order, unshuffled, mixed by the same
-seeded weighted draw (so the first few held-out batches already cover every task of the mixture).
+`split="heldout"` reads every source's held-out shards once, in order, unshuffled, drawing the sources
+(those with a positive weight) alike with a seeded draw: the first few held-out batches already cover
+every task, and stages whose mixtures share the sources evaluate on the same batches.
 """
 
 from __future__ import annotations
@@ -258,12 +259,14 @@ class SlotStream:
         self.examples.setdefault(reason, message)
 
     def next_raw(self) -> Optional[tuple[str, RawSample]]:
-        """The mixture: a seeded weighted draw over the sources that still have samples."""
+        """The mixture: a seeded weighted draw over the sources that still have samples (held-out:
+        equal weights)."""
         while True:
             live = [n for n, r in self.readers.items() if not r.exhausted]
             if not live:
                 return None
-            w = np.array([self.spec.weights[n] for n in live], dtype=np.float64)
+            # held-out: every source alike, so stages whose mixtures share the sources evaluate on the same batches
+            w = np.array([1.0 if self.spec.sequential else self.spec.weights[n] for n in live], dtype=np.float64)
             name = live[int(np.searchsorted(np.cumsum(w / w.sum()), self.rng.random(), side="right").clip(0, len(live) - 1))]
             raw = self.readers[name].next()
             if raw is not None:

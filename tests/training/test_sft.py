@@ -72,7 +72,8 @@ def test_deepspeed_sft_curriculum_raises_heldout_exact_match(tmp_path, sft_corpu
 
     evals = json.loads((run_dir / "generation_eval.json").read_text())
     init, final = evals["init"], evals["reasoning"]
-    curve = {k: [round(evals[s][k], 3) for s in ("init", "general", "reasoning")] for k in init if k.startswith(("gen/", "eval/loss"))}
+    curve = {k: [round(evals[s][k], 3) if k in evals[s] else None for s in ("init", "general", "reasoning")]
+             for k in init if k.startswith(("gen/", "eval/loss"))}
     print("held-out eval, init -> end of each stage:", curve)
     assert final["eval/loss"] < init["eval/loss"] - 1.0
     tasks = ("math", "digits", "counting")
