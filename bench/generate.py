@@ -10,7 +10,7 @@ loop that runs the full model over the prompt and everything generated so far fo
 (logits of the last position only). Both must produce the same tokens. Prints a markdown table for
 bench/RESULTS.md and exits non-zero if the cache is under 10x faster at any batch size.
 
---fsdp: the model sharded with FSDP2 over the ranks; tokens/s of `rl.rollout.whole_model`
+--fsdp: the model sharded with FSDP2 over the ranks; tokens/s of `training.generation_eval.generation_mode`
 (all-gather every unit once, generate on a hook-free twin), of generating through the FSDP
 module after unsharding it with resharding after forward turned off (FSDP's hooks still run per
 layer and token), and of the FSDP module with only its root unit unsharded (every layer all-gathers
@@ -97,7 +97,7 @@ def fsdp_modes(args) -> int:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from rl.rollout import whole_model
+    from training.generation_eval import generation_mode
     from training.distributed import apply_fsdp2, init_distributed, shutdown
 
     d = init_distributed()
@@ -124,7 +124,7 @@ def fsdp_modes(args) -> int:
         return generate(model, prompts, max_new_tokens=n).tokens
 
     def twin():
-        with whole_model(sharded) as model:
+        with generation_mode(sharded) as model:
             return run(model)
 
     def unsharded_hooks():
@@ -148,7 +148,7 @@ def fsdp_modes(args) -> int:
 
     results = {}
     for name, fn in [("plain model, one process (reference)", lambda: run(plain)),
-                     ("whole_model: gather once, hook-free twin (used)", twin),
+                     ("generation_mode: gather once, hook-free twin (used)", twin),
                      ("unshard, reshard_after_forward=False, FSDP hooks", unsharded_hooks),
                      ("root unsharded, each layer all-gathers per token", per_token_gathers)]:
         seconds, tokens = timed(fn, args.repeat)

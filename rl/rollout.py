@@ -1,21 +1,20 @@
 """GRPO rollouts: prompts from the shards, G sampled completions per prompt, task rewards.
 
     prompts = PromptStream(cfg.data, tokenizer, rank, world_size, seed)  # resumable, this rank's share
-    with whole_model(run.module) as model:       # full parameters on this rank, no collective inside
+    with generation_mode(run.module) as model:   # full parameters on this rank, no collective inside
         groups = generate_groups(model, prompts.take(n), grpo, tokenizer, generator)
     groups.rewards                               # [n, G] weighted task rewards (rl/rewards.py `score`)
     groups.items[i]                              # Rollout: the prompt, its G completions, reward parts
 
 Prompts are rendered with the chat template and its generation prompt (reasoning on by default:
 the prompt ends in `<think>\\n`), images included. Generation runs on a model whose parameters are
-whole on every rank (see `whole_model`), so ranks generate independently and may stop after
-different numbers of tokens.
+whole on every rank (`training.generation_eval.generation_mode`), so ranks generate independently
+and may stop after different numbers of tokens.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -103,54 +102,6 @@ def heldout_prompts(data_cfg, tokenizer, per_source: int, rank: int = 0, world_s
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-@contextmanager
-def whole_model(module: Exaone45):
-    """A model with every parameter whole on this rank, for generation.
-
-    Plain modules (one process, DeepSpeed ZeRO-1/2) are used as they are. Under FSDP2 every FSDP
-    unit is all-gathered once on entry (the same units in the same order on every rank) and freed on
-    exit; inside, a hook-free twin built on the meta device holds the gathered tensors (no copy).
-    FSDP's own forward hooks would otherwise run per layer and per token, record every call for
-    backward prefetching, and re-shard after each forward unless told not to; the twin keeps
-    generation free of collectives, so ranks may generate different numbers of tokens.
-    Parameters are in the training compute dtype (bf16 when FSDP's mixed precision says so).
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    if not units:
-        blank = module.vision_in_every_step
-        module.vision_in_every_step = False  # no collectives to match while generating
-        try:
-            yield module
-        finally:
-            module.vision_in_every_step = blank
-        return
-    with torch.no_grad():
-        for unit in units:
-            unit.unshard()
-        try:
-            with torch.device("meta"):
-                twin = Exaone45(module.cfg)
-            _match_fp8(twin, module)
-            params = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in module.named_parameters()}
-            twin.load_state_dict(params, assign=True)
-            twin.eval()
-            yield twin
-        finally:
-            for unit in reversed(units):
-                unit.reshard()
-
-
-def _match_fp8(twin: Exaone45, module: Exaone45) -> None:
-    """Give the twin the FP8 linear layers `module` has (same names), so the gathered weights fit."""
-    cfg = module.cfg
-    if cfg.fp8 != "none":
-        from model.fp8 import apply_fp8
-
-        apply_fp8(twin, cfg.fp8, cfg.fp8_modules, cfg.fp8_scaling)
 
 
 def _images(prompts: list[Prompt], dtype: torch.dtype):

@@ -33,8 +33,9 @@ from rl.grpo import (
 from data.schema import TASKS
 from rl.rewards import REWARDS
 from rl.rollout import (
-    PromptStream, decode, generate_groups, heldout_prompts, sample_completions, score_completion, whole_model,
+    PromptStream, decode, generate_groups, heldout_prompts, sample_completions, score_completion,
 )
+from training.generation_eval import generation_mode
 
 
 @dataclass
@@ -123,7 +124,7 @@ def collect(run, grpo: GRPOConfig, loop: LoopConfig, generator: torch.Generator)
         return groups
 
     start = time.perf_counter()
-    with whole_model(run.module) as model, warnings.catch_warnings():
+    with generation_mode(run.module) as model, warnings.catch_warnings():
         warnings.simplefilter("ignore", UnderfilledBatchWarning)  # decided below over all ranks
         kept, fill = fill_train_batch(generate_batch, local)
     seconds = time.perf_counter() - start
@@ -393,7 +394,7 @@ class HeldoutReward:
         special = run.loader.cfg.special_tokens
         prompts = [p for p in self.prompts for _ in range(self.loop.eval_samples)]
         generator = torch.Generator().manual_seed(run.d.rank)  # the same draws at every evaluation
-        with whole_model(run.module) as model:
+        with generation_mode(run.module) as model:
             tokens, _ = sample_completions(model, prompts, self.grpo, stop_id=special.end_of_turn_token_id,
                                            pad_id=special.pad_token_id, generator=generator,
                                            batch_size=self.loop.generation_batch_size)

@@ -25,9 +25,8 @@ answer (short, cheap to decode); `True` ends it with `<think>\\n` and the model 
 | ocr       | ocr                      | ocr: 1 - normalized edit distance            |
 
 `model` may be a plain Exaone45, a DeepSpeed engine (its module is used) or an FSDP2-wrapped
-model: then every rank gathers the full weights once (unshard, no resharding after each forward),
-generates with no collectives at all (ranks may run different numbers of decoding steps), and
-reshards. A context-parallel model decodes with plain attention (prompts are not sharded).
+model (see `generation_mode`: every rank gathers the full weights once and generates with no
+collectives at all). A context-parallel model decodes with plain attention (prompts are not sharded).
 """
 
 from __future__ import annotations
@@ -136,34 +135,58 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 @contextmanager
 def generation_mode(model) -> Iterator[Any]:
-    """The module to decode with: eval mode, full weights on every rank (FSDP2 unsharded), plain
-    attention, no blank vision pass; everything restored afterwards."""
+    """The module to decode with, every parameter whole on this rank and no collective inside (ranks
+    may generate different numbers of tokens): plain attention, no blank vision pass, eval mode;
+    everything restored afterwards. Used by the generation metrics and by GRPO rollouts.
+
+    A DeepSpeed engine's module (ZeRO-1/2 keep it whole) and a plain module are used as they are.
+    Under FSDP2 every FSDP unit is all-gathered once on entry (the same units in the same order on
+    every rank) and freed on exit; inside, a hook-free twin built on the meta device holds the
+    gathered tensors (no copy). Decoding through FSDP's own hooks would run them per layer and per
+    token and record every call for backward prefetching (bench/RESULTS.md: the twin decodes at the
+    plain model's speed, the hooked module at 0.7x). Parameters are in the training compute dtype
+    (bf16 when FSDP's mixed precision says so).
+    """
     from torch.distributed.fsdp import FSDPModule
 
+    from model.vlm import Exaone45
+
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if units:
+        with torch.no_grad():
+            for unit in units:
+                unit.unshard()
+            try:
+                with torch.device("meta"):
+                    twin = Exaone45(module.cfg)
+                _match_fp8(twin, module.cfg)
+                params = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in module.named_parameters()}
+                twin.load_state_dict(params, assign=True)
+                yield twin.eval()
+            finally:
+                for unit in reversed(units):
+                    unit.reshard()
+        return
     was_training, blank_vision = module.training, getattr(module, "vision_in_every_step", False)
     attn = [m for m in module.modules() if hasattr(m, "attention_fn")]
     saved_fns = [m.attention_fn for m in attn]
-    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
     module.eval()
     module.vision_in_every_step = False
     for m in attn:
         m.attention_fn = attention
-    if fsdp:
-        with torch.no_grad():  # the first forward through the root makes it FSDP's root (lazy init)
-            module(torch.zeros(1, 1, dtype=torch.long, device=plain_device(module)))
-        module.set_reshard_after_forward(False)
-        for m in fsdp:
-            m.unshard()
     try:
         yield module
     finally:
-        for m in fsdp:
-            m.reshard()
-        if fsdp:
-            module.set_reshard_after_forward(True)
-            module.set_reshard_after_forward(False, recurse=False)  # FSDP2's setting for the root
         for m, fn in zip(attn, saved_fns):
             m.attention_fn = fn
         module.vision_in_every_step = blank_vision
         module.train(was_training)
+
+
+def _match_fp8(twin, cfg) -> None:
+    """Give the twin the FP8 linear layers the trained module has (same names), so the gathered weights fit."""
+    if cfg.fp8 != "none":
+        from model.fp8 import apply_fp8
+
+        apply_fp8(twin, cfg.fp8, cfg.fp8_modules, cfg.fp8_scaling)
