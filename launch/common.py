@@ -62,6 +62,17 @@ def deepspeed_launcher_args(argv: list[str], environ=os.environ) -> list[str]:
     return out
 
 
+def finish_run(cfg: DictConfig, run) -> None:
+    """The end of a pretraining or GRPO run: Hugging Face export when `export.hf`, a line, exit."""
+    if cfg.export.hf:
+        from training.export import export_hf
+
+        export_hf(run)
+    if run.d.is_main:
+        print(f"{cfg.stage}: done at step {run.step}; metrics in {cfg.run_dir}/metrics.jsonl", flush=True)
+    finish()
+
+
 def finish() -> None:
     """Tear the process group down, then exit at once: interpreter shutdown after a torchrun run
     occasionally aborted (SIGABRT) on CPU."""

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.common import RECIPES, deepspeed_launcher_args, finish, resolve_config  # noqa: E402
+from launch.common import RECIPES, deepspeed_launcher_args, finish_run, resolve_config  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="grpo", version_base="1.3")
@@ -33,13 +33,7 @@ def main(cfg: DictConfig) -> None:
     check_layout(grpo, cfg, d.dp)
     run = setup(cfg, prompt_loader(loop), d)
     train(run, grpo, loop)
-    if cfg.export.hf:
-        from training.export import export_hf
-
-        export_hf(run)
-    if run.d.is_main:
-        print(f"{cfg.stage}: done at step {run.step}; metrics in {cfg.run_dir}/metrics.jsonl", flush=True)
-    finish()
+    finish_run(cfg, run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.common import RECIPES, deepspeed_launcher_args, finish, loader_factory, resolve_config  # noqa: E402
+from launch.common import RECIPES, deepspeed_launcher_args, finish_run, loader_factory, resolve_config  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="pretrain", version_base="1.3")
@@ -32,13 +32,7 @@ def main(cfg: DictConfig) -> None:
 
     run = setup(cfg, loader_factory("train"))
     train(run, evaluate=heldout_loss)
-    if cfg.export.hf:
-        from training.export import export_hf
-
-        export_hf(run)
-    if run.d.is_main:
-        print(f"{cfg.stage}: done at step {run.step}; metrics in {cfg.run_dir}/metrics.jsonl", flush=True)
-    finish()
+    finish_run(cfg, run)
 
 
 if __name__ == "__main__":
