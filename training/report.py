@@ -282,7 +282,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"no stage run directories under {args.out} (looked for {args.stages})")
     if missing:
         print(f"report: no run directory for {missing}; reporting {stages}", flush=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = evaluate_stages(args.out, stages, args.batches, args.prompts, args.max_new_tokens)
     print(write_markdown(args.out, stages, rows, args.prompts))
     print(f"report: {plot(args.out, stages)} and {args.out / 'report.md'}")
