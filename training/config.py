@@ -71,7 +71,7 @@ class WandbCfg:
 
 @dataclass
 class EvalCfg:
-    every: int = 0  # 0: only at the end
+    every: int = 0  # 0: never (SFT: at each stage's start and end)
     batches: int = 4
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -345,6 +346,22 @@ def _deepspeed_distributed_attention(group):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     # Inputs are [B, L / cp, H, D]: scatter the heads (dim 2), gather the sequence (dim 1).
     return DistributedAttention(_ulysses_local, group, scatter_idx=2, gather_idx=1)
+
+
+@contextmanager
+def whole_sequence_attention(model):
+    """Inside, every attention module attends plainly over the sequences its rank is given (what
+    evaluation and generation feed: whole sequences, the same on every rank of a cp group)."""
+    module = getattr(model, "module", model)
+    layers = [m for m in module.modules() if hasattr(m, "attention_fn")]
+    saved = [m.attention_fn for m in layers]
+    for m in layers:
+        m.attention_fn = attention
+    try:
+        yield model
+    finally:
+        for m, fn in zip(layers, saved):
+            m.attention_fn = fn
 
 
 def apply_context_parallel(model, cp_group, impl: str = "allgather"):

@@ -3,10 +3,12 @@ or of any model on any batches (training/report.py)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 
+from .context_parallel import whole_sequence_attention
 from .distributed import all_reduce_sum
 
 
@@ -21,7 +23,10 @@ def heldout_loss(run) -> dict:
         run.heldout = (loader, loader.state_dict())
     loader, start = run.heldout
     loader.load_state_dict(start)
-    sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device)
+    # with context parallelism every rank of a cp group evaluates its dp rank's whole batches (the
+    # group's ranks count them alike, which the ratios in loss_row cancel)
+    with whole_sequence_attention(run.model) if d.cp > 1 else nullcontext():
+        sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device)
     return loss_row(all_reduce_sum(sums, d.device))
 
 

@@ -40,7 +40,6 @@ import torch
 from data.mixture import iter_heldout, to_data_config
 from data.schema import Sample
 from data.text import render_grpo_prompt
-from model.attention import attention
 from model.generate import generate
 from rl import rewards
 
@@ -168,18 +167,15 @@ def generation_mode(model) -> Iterator[Any]:
                 for unit in reversed(units):
                     unit.reshard()
         return
+    from .context_parallel import whole_sequence_attention
+
     was_training, blank_vision = module.training, getattr(module, "vision_in_every_step", False)
-    attn = [m for m in module.modules() if hasattr(m, "attention_fn")]
-    saved_fns = [m.attention_fn for m in attn]
     module.eval()
     module.vision_in_every_step = False
-    for m in attn:
-        m.attention_fn = attention
     try:
-        yield module
+        with whole_sequence_attention(module):
+            yield module
     finally:
-        for m, fn in zip(attn, saved_fns):
-            m.attention_fn = fn
         module.vision_in_every_step = blank_vision
         module.train(was_training)
 

@@ -173,7 +173,7 @@ def stage_config(cfg, stages: list[Stage], index: int, init_from: Optional[str])
 
 
 def sft_evaluate(cfg) -> Callable:
-    """Held-out loss per task (not yet with context parallelism) plus, when
+    """Held-out loss per task plus, when
     sft.generation_eval.limit_per_task > 0, generation metrics."""
     from .evaluate import heldout_loss
     from .generation_eval import evaluate_generation
@@ -184,8 +184,7 @@ def sft_evaluate(cfg) -> Callable:
     def evaluate(run) -> dict:
         if run.step == 0 and end_of_stage:  # a stage starts from the weights the previous one ended with
             return dict(end_of_stage)
-        # training/evaluate.py feeds whole sequences to the model, which context parallelism has patched
-        row = heldout_loss(run) if run.d.cp == 1 else {}
+        row = heldout_loss(run)
         if gen.limit_per_task > 0:
             row.update(evaluate_generation(run.model, run.tokenizer, run.cfg.data, tasks=gen.tasks,
                                            limit_per_task=gen.limit_per_task, max_new_tokens=gen.max_new_tokens,

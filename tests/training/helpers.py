@@ -80,12 +80,13 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], batches_path
                       MASTER_PORT=str(port), WANDB_MODE="disabled")
     torch.set_num_threads(1)
     from training.distributed import shutdown
+    from training.evaluate import heldout_loss
     from training.trainer import setup, train
 
     cfg = compose(overrides)
     batches = torch.load(batches_path, weights_only=False)
     run = setup(cfg, lambda cfg, d, tok: ListLoader(batches, d.dp_rank, d.dp))
-    train(run)
+    train(run, evaluate=heldout_loss)  # when eval.every > 0
     shutdown()
 
 

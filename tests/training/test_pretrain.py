@@ -49,12 +49,17 @@ def test_context_parallel_training_matches_one_process(tmp_path, fixed_batches, 
     """parallel.cp=2 on 2 ranks (both hold the same batch, each half of its sequence) trains like one
     process: losses, per-task losses and token counts within 1e-5, gradient norms within 1e-4; both
     CP kernels (all-gather under FSDP2, Ulysses under DeepSpeed)."""
-    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus), fixed_batches)
+    evaluate = ["eval.every=2", "eval.batches=1"]  # held-out loss of whole sequences on a cp-patched model
+    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, *evaluate), fixed_batches)
     for impl, engine in (("allgather", "fsdp2"), ("ulysses", "deepspeed")):
         cp = run_workers(2, _overrides(tmp_path, impl, demo_corpus, "parallel.cp=2", f"parallel.cp_impl={impl}",
-                                       f"parallel.engine={engine}"), fixed_batches)
-        assert len(one) == len(cp) == 4
-        for a, b in zip(one, cp):
+                                       f"parallel.engine={engine}", *evaluate), fixed_batches)
+        assert len(one) == len(cp) == 5  # step 0 (evaluation only), 1..4
+        assert [k for k in one[2] if k.startswith("eval/")] == [k for k in cp[2] if k.startswith("eval/")] != []
+        for key in (k for r in one for k in r if k.startswith("eval/")):
+            a, b = [r.get(key) for r in one], [r.get(key) for r in cp]
+            assert all((x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * x) for x, y in zip(a, b)), key
+        for a, b in zip(one[1:], cp[1:]):
             assert a["tokens"] == b["tokens"]
             tasks = [k for k in a if k.startswith("loss/")]
             assert tasks and tasks == [k for k in b if k.startswith("loss/")]
