@@ -33,35 +33,46 @@ def heldout_loss(run) -> dict:
 def task_loss_sums(model, batches: Iterable, device) -> list[float]:
     """[loss sum, label tokens] per task of data.schema.TASKS, flattened, over `batches` (eval mode,
     no gradients; the model's training mode is restored)."""
-    from data.schema import TASKS
-
     module = getattr(model, "module", model)
     was_training = module.training
-    sums = torch.zeros(len(TASKS), 2, dtype=torch.float64)
+    sums = new_task_sums()
     module.eval()
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(device)
             out = model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
                         position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
-            has = out.token_loss != 0
-            for i in batch.task_ids[has].unique().tolist():
-                sel = has & (batch.task_ids == i)
-                sums[i, 0] += out.token_loss[sel].sum().item()
-                sums[i, 1] += int(sel.sum())
+            add_task_losses(sums, out.token_loss, batch.task_ids)
     module.train(was_training)
     return sums.flatten().tolist()
 
 
-def loss_row(flat: list[float]) -> dict:
-    """The metrics row of task_loss_sums' numbers: mean loss per task and over all label tokens."""
+def new_task_sums() -> torch.Tensor:
+    """[len(TASKS), 2] float64 zeros: loss sum and label tokens per task of data.schema.TASKS."""
     from data.schema import TASKS
 
-    row, total, count = {}, 0.0, 0
-    for i, task in enumerate(TASKS):
-        s, n = flat[2 * i], flat[2 * i + 1]
-        if n:
-            row[f"eval/loss/{task}"] = s / n
-            total, count = total + s, count + n
-    row["eval/loss"] = total / max(count, 1)
+    return torch.zeros(len(TASKS), 2, dtype=torch.float64)
+
+
+def add_task_losses(sums: torch.Tensor, token_loss: torch.Tensor, task_ids: torch.Tensor) -> None:
+    """Add each task's loss sum and label-token count (tokens with a loss) to `sums`."""
+    has = token_loss != 0
+    task_ids = task_ids.to(token_loss.device)
+    for i in task_ids[has].unique().tolist():
+        sel = has & (task_ids == i)
+        sums[i, 0] += token_loss[sel].sum().item()
+        sums[i, 1] += int(sel.sum())
+
+
+def task_means(flat: list[float]) -> dict:
+    """{task: mean loss} for the tasks with label tokens, from flattened sums."""
+    from data.schema import TASKS
+
+    return {t: flat[2 * i] / flat[2 * i + 1] for i, t in enumerate(TASKS) if flat[2 * i + 1] > 0}
+
+
+def loss_row(flat: list[float]) -> dict:
+    """The metrics row of task_loss_sums' numbers: mean loss per task and over all label tokens."""
+    row = {f"eval/loss/{t}": v for t, v in task_means(flat).items()}
+    row["eval/loss"] = sum(flat[0::2]) / max(sum(flat[1::2]), 1)
     return row

@@ -43,6 +43,8 @@ from data.text import render_grpo_prompt
 from model.generate import generate
 from rl import rewards
 
+from .distributed import all_reduce_sum
+
 
 @dataclass(frozen=True)
 class Task:
@@ -110,7 +112,7 @@ def evaluate_generation(model, tokenizer, data_cfg, tasks: Sequence[str] = ("mat
             texts = complete(plain, tokenizer, samples, data_cfg, max_new_tokens=max_new_tokens,
                              enable_thinking=enable_thinking, batch_size=batch_size)
             sums += [sum(TASKS[task].metric(t, s.meta) for t, s in zip(texts, samples)), len(samples)]
-    totals = _all_reduce(sums, plain_device(model))
+    totals = all_reduce_sum(sums, plain_device(model))
     row = {}
     for i, task in enumerate(tasks):
         total, count = totals[2 * i], totals[2 * i + 1]
@@ -121,15 +123,6 @@ def evaluate_generation(model, tokenizer, data_cfg, tasks: Sequence[str] = ("mat
 
 def plain_device(model) -> torch.device:
     return next(getattr(model, "module", model).parameters()).device
-
-
-def _all_reduce(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 @contextmanager

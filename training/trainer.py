@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .distributed import (
     Dist, all_reduce_sum, apply_activation_checkpointing, apply_fsdp2, deepspeed_config, init_deepspeed, init_distributed,
 )
+from .evaluate import add_task_losses, new_task_sums, task_means
 from .metrics import Metrics, Throughput, decoder_flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
 
@@ -204,7 +205,7 @@ def train_step(run: Run, batches: list) -> dict:
     counts = [c / d.cp for c in all_reduce_sum([sum(b.num_label_tokens for b in batches),
                                                 sum(_mtp_tokens(b) for b in batches),
                                                 sum(b.num_tokens for b in batches)], d.device)]
-    stats, finite = {"lm": 0.0, "mtp": 0.0, "task": {}}, True
+    stats, finite = {"lm": 0.0, "mtp": 0.0, "task": new_task_sums()}, True
     for batch in batches:
         loss, out = forward_loss(run, batch, counts[0], counts[1])
         finite = finite and all_reduce_sum([float(not torch.isfinite(loss))], d.device)[0] == 0
@@ -231,7 +232,7 @@ def train_step(run: Run, batches: list) -> dict:
     run.scheduler.step()
     lm, mtp, _ = all_reduce_sum([stats["lm"], stats["mtp"], 0.0], d.device)
     return {"finite": finite, "grad_norm": grad_norm, "lm_loss": lm / max(counts[0], 1),
-            "mtp_loss": mtp / max(counts[1], 1), "tokens": counts[2], "task_loss": _reduce_tasks(stats["task"], d)}
+            "mtp_loss": mtp / max(counts[1], 1), "tokens": counts[2], "task_loss": task_means(all_reduce_sum(stats["task"].flatten().tolist(), d.device))}
 
 
 def _mtp_tokens(batch) -> int:
@@ -241,29 +242,15 @@ def _mtp_tokens(batch) -> int:
     return int((prepare_inputs(batch.input_ids, batch.labels, batch.cu_seqlens).mtp_targets != -100).sum())
 
 
-def _loss_per_task(out, batch, acc: dict, d: Dist) -> None:
+def _loss_per_task(out, batch, sums, d: Dist) -> None:
     if out.token_loss is None:
         return
-    from data.schema import TASKS
-
-    has = out.token_loss != 0
-    task_ids = batch.task_ids.to(out.token_loss.device)
+    task_ids = batch.task_ids
     if d.cp > 1:  # this rank's tokens of the sequence
         from .context_parallel import local_token_index
 
         task_ids = task_ids[:, local_token_index(task_ids.shape[1], d.cp, d.cp_rank, task_ids.device)]
-    for i in task_ids[has].unique().tolist():
-        sel = has & (task_ids == i)
-        s, n = acc.get(TASKS[i], (0.0, 0))
-        acc[TASKS[i]] = (s + out.token_loss[sel].sum().item(), n + int(sel.sum()))
-
-
-def _reduce_tasks(acc: dict, d: Dist) -> dict:
-    from data.schema import TASKS
-
-    flat = [v for t in TASKS for v in acc.get(t, (0.0, 0))]
-    flat = all_reduce_sum(flat, d.device)
-    return {t: flat[2 * i] / flat[2 * i + 1] for i, t in enumerate(TASKS) if flat[2 * i + 1] > 0}
+    add_task_losses(sums, out.token_loss, task_ids)
 
 
 def train(run: Run, evaluate: Optional[Callable[[Run], dict]] = None) -> None:
