@@ -504,15 +504,24 @@ def build_sample_stream(cfg, *, tokenizer=None, rank: int = 0, world_size: int =
     return SampleStream(_spec(cfg, tokenizer, world_size, seed, split, cfg.seq_len, 1), rank, world_size)
 
 
+def heldout_sources(cfg, names: Optional[list[str]] = None) -> list[str]:
+    """Those of `names` (default: the configured sources, else the mixture's) that have a held-out
+    split on disk (the demo corpus is built first when it is missing)."""
+    cfg = to_data_config(cfg)
+    root = ensure_demo_corpus(cfg)
+    return [n for n in (names if names is not None else list(cfg.sources or cfg.mixture))
+            if (root / cfg.sources.get(n, "{split}/" + n).format(split="heldout", name=n)).is_dir()]
+
+
 def iter_heldout(cfg=None, task: Optional[str] = None, *, sources: Optional[list[str]] = None,
                  limit: Optional[int] = None, rank: int = 0, world_size: int = 1) -> Iterator[Sample]:
     """Held-out Samples in a fixed order (source by source, shard by shard), optionally one task
     only, at most `limit`, and this rank's share (every world_size-th) for distributed evaluation."""
     cfg = to_data_config(cfg)
-    root = ensure_demo_corpus(cfg)
     if sources is None:  # every configured source that has a held-out split
-        sources = [n for n in (cfg.sources or cfg.mixture)
-                   if (root / cfg.sources.get(n, "{split}/" + n).format(split="heldout", name=n)).is_dir()]
+        sources = heldout_sources(cfg)
+    else:
+        ensure_demo_corpus(cfg)
     n = 0
     for name, shards in source_shards(cfg, "heldout", sources).items():
         for path in shards:

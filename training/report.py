@@ -56,18 +56,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def evaluate_model(model, tokenizer, data_cfg: dict, batches: int = 2, prompts: int = 64,
                    max_new_tokens: int = 40) -> dict:
     """Held-out loss per task and generation metrics of one model (one process)."""
-    from data.mixture import build_loader, ensure_demo_corpus, to_data_config
+    from data.mixture import build_loader, heldout_sources, to_data_config
 
     from .evaluate import loss_row, task_loss_sums
     from .generation_eval import evaluate_generation
 
     cfg = to_data_config(data_cfg)
-    root = ensure_demo_corpus(cfg)
     device = next(model.parameters()).device
     sums = [0.0] * (2 * len(TASKS))
-    sources = [n for n in (cfg.sources or TASKS)  # every source with a held-out split
-               if (root / cfg.sources.get(n, "{split}/" + n).format(split="heldout", name=n)).is_dir()]
-    for source in sources:
+    for source in heldout_sources(cfg, list(cfg.sources or TASKS)):  # every source with a held-out split
         loader = build_loader({**data_cfg, "mixture": {source: 1.0}}, tokenizer=tokenizer, rank=0, world_size=1, seed=0,
                               micro_batch_size=4, seq_len=cfg.seq_len, split="heldout")
         part = task_loss_sums(model, (b for _, b in zip(range(batches), loader)), device)
