@@ -111,12 +111,10 @@ def evaluate_stages(out: Path, stages: list[str], batches: int, prompts: int, ma
     torch.manual_seed(0)
     init = Exaone45(model_config(first))
     init_weights(init, init.cfg, first.train.seed)
-    models = {"init": lambda: init.eval()}
-    for stage in stages:
-        models[stage] = lambda stage=stage: load_for_inference(str(out / stage))[0]
     rows = {}
-    for name, load in models.items():
-        rows[name] = evaluate_model(load(), tokenizer, data_cfg, batches, prompts, max_new_tokens)
+    for name in ("init", *stages):
+        model = init.eval() if name == "init" else load_for_inference(str(out / name))[0]
+        rows[name] = evaluate_model(model, tokenizer, data_cfg, batches, prompts, max_new_tokens)
         print(f"report: evaluated {name}", flush=True)
     if "grpo" in stages:
         before, after = grpo_rewards(out / "grpo")
