@@ -45,24 +45,35 @@ def shifted_targets(labels: torch.Tensor, doc: torch.Tensor, k: int) -> torch.Te
     return out.view(B, L)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int):
-    """Sum of cross-entropy over positions with a target, computed chunk by chunk; under autograd
-    each chunk's logits are recomputed in backward rather than kept."""
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    """Sum of cross-entropy over positions with a target, computed chunk by chunk through the LM head
+    `weight`; under autograd each chunk's logits are recomputed in backward rather than kept."""
     valid = targets.reshape(-1) != -100
     h, t = hidden.reshape(-1, hidden.shape[-1])[valid], targets.reshape(-1)[valid]
     per_token = []
     for i in range(0, h.shape[0], chunk):
         hc, tc = h[i : i + chunk], t[i : i + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
-            per_token.append(checkpoint(_ce, hc, head.weight, tc, use_reentrant=False))
+            per_token.append(checkpoint(_ce, hc, weight, tc, use_reentrant=False))
         else:
-            per_token.append(_ce(hc, head.weight, tc))
+            per_token.append(_ce(hc, weight, tc))
     losses = torch.cat(per_token) if per_token else hidden.new_zeros(0)
     return losses, valid
 
 
 def _ce(h, weight, t):
     return F.cross_entropy(F.linear(h, weight).float(), t, reduction="none")
+
+
+class HeadLoss(nn.Module):
+    """`chunked_cross_entropy` as a module of its own, called once per loss (next token, MTP) whatever
+    the number of chunks. It holds no parameter: it reads the LM head's weight, which ZeRO-3 gathers
+    around this module (`Exaone45.external_parameters`) for its forward and its backward, where the
+    chunks are recomputed. Calling the head module per chunk instead would make the sequence of module
+    calls depend on each rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
+
+    def forward(self, hidden, weight, targets, chunk: int):
+        return chunked_cross_entropy(hidden, weight, targets, chunk)
 
 
 @torch.no_grad()
@@ -88,8 +99,15 @@ class Exaone45(nn.Module):
         self.language_model = TextModel(tc)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.mtp = MTP(tc) if tc.num_nextn_predict_layers > 0 else None
+        self.head_loss = HeadLoss()
         self.vision_in_every_step = False  # set by data-parallel training, see _blank_image_features
         self.set_attn_impl(cfg.attn_impl)
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where the module's forward reads a parameter it does not own:
+        DeepSpeed ZeRO-3 only gathers a module's own parameters around its forward, so these are
+        registered with it (training.distributed.init_deepspeed)."""
+        return [(self.visual.patch_embed, self.visual.patch_embed.proj.weight), (self.head_loss, self.lm_head.weight)]
 
     def set_attn_impl(self, impl: str):
         for module in self.modules():
@@ -162,7 +180,7 @@ class Exaone45(nn.Module):
             return out
 
         chunk = self.cfg.loss_chunk_size
-        losses, valid = chunked_cross_entropy(hidden, self.lm_head, shard.targets, chunk)
+        losses, valid = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk)
         out.lm_loss_sum, out.lm_tokens = losses.sum(), int(valid.sum())
         out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
         token_loss = torch.zeros(valid.shape, device=hidden.device)
@@ -174,7 +192,7 @@ class Exaone45(nn.Module):
             # shardable: image-token targets carry no loss, so nothing is lost.
             next_embeds = self.language_model.embed_tokens(shard.next_input_ids)
             mtp_hidden = self.mtp(hidden, next_embeds, rope, shard.mask_spec)
-            mtp_losses, mtp_valid = chunked_cross_entropy(mtp_hidden, self.lm_head, shard.mtp_targets, chunk)
+            mtp_losses, mtp_valid = self.head_loss(mtp_hidden, self.lm_head.weight, shard.mtp_targets, chunk)
             out.mtp_loss_sum, out.mtp_tokens = mtp_losses.sum(), int(mtp_valid.sum())
             out.mtp_loss = out.mtp_loss_sum / max(out.mtp_tokens, 1)
             out.loss = out.lm_loss + self.cfg.mtp_loss_weight * out.mtp_loss

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +41,22 @@ def _barrier():
 
 def _unwrap(model):
     return getattr(model, "module", model)  # a DeepSpeed engine wraps the module
+
+
+def is_zero3(model) -> bool:
+    """Parameters partitioned over the ranks by DeepSpeed ZeRO-3 (the engine or its module)."""
+    return any(hasattr(p, "ds_status") for p in _unwrap(model).parameters())
+
+
+def full_model_state(model) -> dict:
+    """The whole model's state dict under our parameter names, on rank 0's CPU (an empty dict on the
+    other ranks); every rank must call it. FSDP2 and plain modules go through DCP's state-dict API;
+    a ZeRO-3 engine gathers its partitions layer by layer (DeepSpeed's consolidated state dict, in
+    the parameters' own dtype despite its name)."""
+    if is_zero3(model):
+        state = model._zero3_consolidated_16bit_state_dict()
+        return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in (state or {}).items()}
+    return get_model_state_dict(_unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def rng_state() -> dict:
@@ -73,7 +90,14 @@ def save(run_dir, step: int, model, optimizer, engine: str, rank: int, extra: di
         tmp.mkdir(parents=True)
     _barrier()
     module = _unwrap(model)
-    dcp.save({"model": get_model_state_dict(module)}, checkpoint_id=str(tmp / "model"))
+    if is_zero3(model):  # the same DCP layout, written whole by rank 0 (DCP reshards it on load)
+        state = full_model_state(model)
+        if rank == 0:
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save({"model": state}, checkpoint_id=str(tmp / "model"), no_dist=True)
+    else:
+        dcp.save({"model": get_model_state_dict(module)}, checkpoint_id=str(tmp / "model"))
     if engine == "deepspeed":
         model.save_checkpoint(str(tmp / "ds"), tag="ds", save_latest=False, exclude_frozen_parameters=False)
     else:
@@ -91,12 +115,13 @@ def save(run_dir, step: int, model, optimizer, engine: str, rank: int, extra: di
 
 def load(path: Path, model, optimizer, engine: str, rank: int) -> dict:
     """Restore model, optimizer and RNG from a checkpoint of this run; returns this rank's extra state."""
-    load_model_weights(path, model)
     module = _unwrap(model)
     if engine == "deepspeed":
         model.load_checkpoint(str(path / "ds"), tag="ds", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
-        load_model_weights(path, model)  # DeepSpeed restored its own copy; the DCP one is authoritative
+        if not is_zero3(model):  # ZeRO-3 restores its partitions and their fp32 masters together
+            load_model_weights(path, model)  # DeepSpeed restored its own copy; the DCP one is authoritative
     else:
+        load_model_weights(path, model)
         state = {"optim": get_optimizer_state_dict(module, optimizer)}
         dcp.load(state, checkpoint_id=str(path / "optim"))
         set_optimizer_state_dict(module, optimizer, state["optim"])
@@ -109,6 +134,9 @@ def load(path: Path, model, optimizer, engine: str, rank: int) -> dict:
 
 
 def load_model_weights(path: Path, model) -> None:
+    if is_zero3(model):
+        raise NotImplementedError("loading weights into a ZeRO-3 engine: load them into the module before "
+                                  "deepspeed.initialize (as init_from does) or resume through its own checkpoint")
     module = _unwrap(model)
     state = {"model": get_model_state_dict(module)}
     dcp.load(state, checkpoint_id=str(Path(path) / "model"))

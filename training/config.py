@@ -51,7 +51,7 @@ class ParallelCfg:
     engine: str = "fsdp2"  # fsdp2 | deepspeed
     cp: int = 1
     cp_impl: str = "allgather"  # allgather | ulysses
-    zero_stage: int = 2
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
 
 
 @dataclass
@@ -105,6 +105,7 @@ CHOICES = {
     "train.dtype": ("fp32", "bf16"),
     "parallel.engine": ("fsdp2", "deepspeed"),
     "parallel.cp_impl": ("allgather", "ulysses"),
+    "parallel.zero_stage": (1, 2, 3),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 

@@ -7,6 +7,8 @@ sharded on their own, then the root).
 
 from __future__ import annotations
 
+import logging
+
 import os
 import socket
 from dataclasses import dataclass
@@ -130,14 +132,34 @@ def deepspeed_config(zero_stage: int, grad_accum: int, micro_batch: int, grad_cl
     }
 
 
+class _ModelOutputNotice(logging.Filter):
+    """Drops ZeRO-3's notice that it cannot see the tensors inside the root module's ModelOutput: it
+    only needs them to gather the root's own parameters for backward, and the root owns none (every
+    parameter sits in a submodule returning tensors, or is registered with one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ModelOutput" not in record.getMessage()
+
+
 def init_deepspeed(model: nn.Module, optimizer, ds_config: dict):
+    """The DeepSpeed engine around a materialized model. ZeRO-3 partitions the parameters here, so
+    until then every rank holds the whole model (FSDP2 materializes shard by shard instead)."""
+    import warnings
+
     import deepspeed
     import deepspeed.comm.torch as ds_torch_comm
+
+    # DeepSpeed's collectives call torch's deprecated names, once per call (every ZeRO-3 module)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
 
     # On CPU DeepSpeed would compile a shared-memory comm op on first use (+50 s); gloo is enough.
     if not torch.cuda.is_available():
         ds_torch_comm.build_shm_op = lambda: None
     if ds_config["zero_optimization"]["stage"] == 3:
-        raise ValueError("config error at `parallel.zero_stage`: ZeRO-3 is not supported yet; use 1 or 2, or parallel.engine=fsdp2")
+        # ZeRO-3 gathers a module's own parameters around its forward; these are read by another one
+        for module, param in model.external_parameters():
+            deepspeed.zero.register_external_parameter(module, param)
+        logging.getLogger("DeepSpeed").addFilter(_ModelOutputNotice())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine, optimizer

@@ -18,11 +18,11 @@ from model.vlm import Exaone45
 
 def export_hf(run, out_dir=None) -> Path:
     """Gather the full weights to rank 0 and write a directory transformers loads."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from training.checkpoint import full_model_state
 
     out_dir = Path(out_dir or Path(run.cfg.run_dir) / "hf")
     module = getattr(run.model, "module", run.model)
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_model_state(run.model)
     if run.d.is_main:
         plain = Exaone45(module.cfg)
         plain.load_state_dict(state)

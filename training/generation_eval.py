@@ -131,17 +131,17 @@ def generation_mode(model) -> Iterator[Any]:
     may generate different numbers of tokens): plain attention, no blank vision pass, eval mode;
     everything restored afterwards. Used by the generation metrics and by GRPO rollouts.
 
-    A DeepSpeed engine's module (ZeRO-1/2 keep it whole) and a plain module are used as they are.
-    Under FSDP2 every FSDP unit is all-gathered once on entry (the same units in the same order on
-    every rank) and freed on exit; inside, a hook-free twin built on the meta device holds the
-    gathered tensors (no copy). Decoding through FSDP's own hooks would run them per layer and per
+    A DeepSpeed ZeRO-1/2 engine's module (whole on every rank) and a plain module are used as they
+    are. Under FSDP2 every FSDP unit is all-gathered once on entry (the same units in the same order
+    on every rank) and freed on exit, ZeRO-3 gathers every partition likewise; inside, a hook-free
+    twin built on the meta device holds the gathered tensors (no copy). Decoding through FSDP's own hooks would run them per layer and per
     token and record every call for backward prefetching (bench/RESULTS.md: the twin decodes at the
     plain model's speed, the hooked module at 0.7x). Parameters are in the training compute dtype
     (bf16 when FSDP's mixed precision says so).
     """
     from torch.distributed.fsdp import FSDPModule
 
-    from model.vlm import Exaone45
+    from .checkpoint import is_zero3
 
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
@@ -150,15 +150,16 @@ def generation_mode(model) -> Iterator[Any]:
             for unit in units:
                 unit.unshard()
             try:
-                with torch.device("meta"):
-                    twin = Exaone45(module.cfg)
-                _match_fp8(twin, module.cfg)
-                params = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in module.named_parameters()}
-                twin.load_state_dict(params, assign=True)
-                yield twin.eval()
+                yield _twin(module)
             finally:
                 for unit in reversed(units):
                     unit.reshard()
+        return
+    if is_zero3(model):  # ZeRO-3: gather every partition (its per-module hooks would gather per token)
+        import deepspeed
+
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters())):
+            yield _twin(module)
         return
     from .context_parallel import whole_sequence_attention
 
@@ -171,6 +172,18 @@ def generation_mode(model) -> Iterator[Any]:
     finally:
         module.vision_in_every_step = blank_vision
         module.train(was_training)
+
+
+def _twin(module):
+    """A hook-free copy of `module` on the meta device holding its (gathered) parameter tensors, no copy."""
+    from model.vlm import Exaone45
+
+    with torch.device("meta"):
+        twin = Exaone45(module.cfg)
+    _match_fp8(twin, module.cfg)
+    params = {name.replace("_checkpoint_wrapped_module.", ""): p.data for name, p in module.named_parameters()}
+    twin.load_state_dict(params, assign=True)
+    return twin.eval()
 
 
 def _match_fp8(twin, cfg) -> None:
