@@ -40,10 +40,10 @@ class GRPOConfig:
     kl_coef: float = 0.0  # weight of the k3 KL to the frozen reference; 0 skips the reference
     entropy_coef: float = 0.0
     update_epochs: int = 1  # optimizer passes over one rollout batch (old log-probs fixed)
-    temperature: float = 1.0  # sampling knobs: the model card's recommendation
-    top_p: float = 0.95
+    temperature: float = 1.0  # sampling knobs; on-policy by default: the loss scores samples under the
+    top_p: float = 1.0  # model's own distribution, which top-p or a presence penalty would change
     top_k: int = 0  # 0: off
-    presence_penalty: float = 1.5
+    presence_penalty: float = 0.0  # the model card's 1.5 (with top_p 0.95) is for serving
     max_new_tokens: int = 1024
     train_prompts_per_step: int = 16  # groups (prompts) in one train batch
     rollout_prompts_per_batch: int = 16  # prompts per generate call

@@ -17,7 +17,7 @@ OUT=${OUT:-out/demo}
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
 COMMON=(model=tiny data=demo wandb.group=demo)
-# the demo's lengths (the recipes' miniature defaults are 300 / 150 / 200 / 50 steps)
+# the demo's lengths (the recipes' miniature defaults are 300 / 150 / 200 / 100 steps)
 STAGE1_ARGS=${STAGE1_ARGS-train.steps=250}
 SFT_ARGS=${SFT_ARGS-train.steps=160}
 START=$SECONDS

@@ -39,8 +39,21 @@ TARGETS = {
     "stage1": ("held-out loss: caption, interleaved, ocr, document, text", "loss:caption,interleaved,ocr,document,text", False),
     "stage2": ("held-out loss: grounding, document, ocr, math, stem", "loss:grounding,document,ocr,math,stem", False),
     "sft": ("boxed-answer exact match: math, digits, counting", "gen:math,digits,counting", True),
-    "grpo": ("held-out GRPO reward (math, counting; reasoning on)", "grpo_reward", True),
+    "grpo": ("held-out GRPO reward (math, counting; reasoning on{decoding})", "grpo_reward", True),
 }
+
+
+def grpo_decoding(run_dir: Path) -> str:
+    """How the GRPO run's held-out reward was decoded, from its config: '; 4 sampled answers per prompt at T=1.0'."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return ""
+    rl = OmegaConf.load(path).get("rl")
+    if not rl or "eval_temperature" not in rl:
+        return ""
+    if not rl.eval_temperature:
+        return "; greedy"
+    return f"; {rl.eval_samples} sampled answers per prompt at T={rl.eval_temperature:g}"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -142,6 +155,7 @@ def write_markdown(out: Path, stages: list[str], rows: dict[str, dict], prompts:
         if stage not in TARGETS:
             continue
         what, key, higher = TARGETS[stage]
+        what = what.format(decoding=grpo_decoding(out / stage) if stage == "grpo" else "")
         before, after = target_value(rows[previous], key), target_value(rows[stage], key)
         ok = None if before is None or after is None else (after > before if higher else after < before)
         change = "–" if ok is None else f"{after - before:+.3f}"

@@ -147,7 +147,7 @@ def test_config_rejects_bad_knobs(bad):
 def test_config_defaults():
     c = GRPOConfig()
     assert (c.clip_eps_low, c.clip_eps_high, c.loss_agg, c.temperature, c.top_p, c.presence_penalty) == (
-        0.2, 0.28, "token-mean", 1.0, 0.95, 1.5)
+        0.2, 0.28, "token-mean", 1.0, 1.0, 0.0)  # on-policy sampling
     assert c.reward_weights["math"] == {"math_boxed": 1.0, "format": 0.1}
     c.reward_weights["math"]["format"] = 0.0
     assert GRPOConfig().reward_weights["math"]["format"] == 0.1  # each config owns its copy

@@ -29,6 +29,7 @@ def test_targets_tables_plot_and_summaries(tmp_path):
     stages = ["stage1", "stage2", "sft", "grpo"]
     for stage in stages:
         _write_run(tmp_path / stage, _rows(stage))
+    (tmp_path / "grpo" / "config.yaml").write_text("rl: {eval_samples: 4, eval_temperature: 1.0}\n")
     assert report.grpo_rewards(tmp_path / "grpo") == (0.10, 0.25)
     assert report.summary_line(tmp_path / "grpo") == (
         f"{tmp_path / 'grpo'}: 10 steps, loss 0.010 -> 0.100, reward_mean 0.110 -> 0.200, eval/reward 0.100 -> 0.250")
@@ -49,7 +50,8 @@ def test_targets_tables_plot_and_summaries(tmp_path):
     sft_row = next(r for r in target_rows if r.startswith("| sft |"))
     # pooled over math (30 prompts), digits (10) and counting (20): (0.1*30 + 0.2*10) / 60 -> (0.3*30 + 0.5*10) / 60
     assert f"| {5 / 60:.3f} | {14 / 60:.3f} |" in sft_row
-    assert "| grpo | held-out GRPO reward (math, counting; reasoning on) | 0.100 | 0.250 | +0.150 | yes |" in lines
+    assert ("| grpo | held-out GRPO reward (math, counting; reasoning on; 4 sampled answers per prompt at T=1) "
+            "| 0.100 | 0.250 | +0.150 | yes |") in lines
     rows["stage2"]["eval/loss/grounding"] = 99.0  # stage 2 made its own tasks worse: the report says so
     targets = report.write_markdown(tmp_path, stages, rows, prompts=30).split("## Held-out loss")[0]
     assert [line.split(" | ")[0] for line in targets.splitlines() if line.endswith("| NO |")] == ["| stage2"]
