@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from rl.grpo import (
@@ -35,6 +34,7 @@ from rl.rewards import REWARDS
 from rl.rollout import (
     PromptStream, decode, generate_groups, heldout_prompts, sample_completions, score_completion,
 )
+from training.distributed import all_reduce_max, all_reduce_sum
 from training.generation_eval import generation_mode
 
 
@@ -87,20 +87,6 @@ def prompt_loader(loop: LoopConfig):
     return build
 
 
-# ----------------------------------------------------------------------------- collectives
-
-
-def _reduce(values: list[float], op=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def _max(values: list[float]) -> list[float]:
-    return _reduce(values, dist.ReduceOp.MAX)
-
-
 # ----------------------------------------------------------------------------- rollouts
 
 
@@ -132,10 +118,10 @@ def collect(run, grpo: GRPOConfig, loop: LoopConfig, generator: torch.Generator)
     everything = RolloutGroups.cat(generated)
     stats = rollout_sums(everything) + [sum(item.task == t for item in kept.items) for t in TASKS]
     num_kept, num_zero = len(kept), int((~zero_variance_mask(everything.rewards, grpo.zero_std_tol)).sum())
-    sums = _reduce([num_kept, num_zero, len(everything)] + stats)
+    sums = all_reduce_sum([num_kept, num_zero, len(everything)] + stats, d.device)
     kept_per_task = {f"train_groups/{t}": int(n) for t, n in zip(TASKS, sums[-len(TASKS):]) if n}
     sums = sums[: -len(TASKS)]
-    maxima = _max([fill["num_gen_batches"], seconds, stats[4]])
+    maxima = all_reduce_max([fill["num_gen_batches"], seconds, stats[4]], d.device)
     total_kept, total_zero, total_groups = sums[:3]
     if total_kept < grpo.train_prompts_per_step:
         message = (f"step {run.step + 1}: only {int(total_kept)}/{grpo.train_prompts_per_step} groups with reward "
@@ -279,9 +265,9 @@ def update(run, groups: RolloutGroups, grpo: GRPOConfig, reference=None) -> dict
     d, mbs = run.d, run.cfg.train.micro_batch_size
     sequences = _sequences(groups, grpo)
     chunks = [pack(sequences[i : i + mbs], d.device) for i in range(0, len(sequences), mbs)]
-    n_micro = int(_max([len(chunks)])[0])
-    counts = _reduce([sum(c.num_response_tokens for c in chunks), sum(len(s[1]) > 0 for s in sequences),
-                      sum(c.num_tokens for c in chunks)])
+    n_micro = int(all_reduce_max([len(chunks)], d.device)[0])
+    counts = all_reduce_sum([sum(c.num_response_tokens for c in chunks), sum(len(s[1]) > 0 for s in sequences),
+                             sum(c.num_tokens for c in chunks)], d.device)
     totals = {"tokens": counts[0], "sequences": counts[1]}
     row = {"tokens": int(counts[2]), "loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0,
            "kl": 0.0, "entropy": 0.0, "skipped_steps": 0, "update_tokens": int(counts[2]) * grpo.update_epochs}
@@ -317,14 +303,14 @@ def update(run, groups: RolloutGroups, grpo: GRPOConfig, reference=None) -> dict
                          epoch[2] + m["approx_kl"].item() * n, epoch[3] + m["kl_sum"], epoch[4] + (not torch.isfinite(loss))]
             scaled = loss * d.world  # FSDP and DeepSpeed average gradients over the ranks
             run.model.backward(scaled, scale_wrt_gas=False) if run.is_deepspeed else scaled.backward()
-        epoch = _reduce(epoch)
+        epoch = all_reduce_sum(epoch, d.device)
         grad_norm, finite = optimizer_step(run, epoch[4] == 0)
         row["skipped_steps"] += not finite
         sums += torch.tensor(epoch[:4] + [grad_norm], dtype=torch.float64)
     per_epoch, per_token = sums / grpo.update_epochs, sums / (grpo.update_epochs * max(totals["tokens"], 1))
     row.update({"loss": per_epoch[0].item(), "grad_norm": grad_norm, "clip_fraction": per_token[1].item(),
                 "approx_kl": per_token[2].item(), "kl": per_token[3 if reference is not None else 2].item(),
-                "entropy": _reduce([entropy])[0] / max(totals["tokens"], 1)})
+                "entropy": all_reduce_sum([entropy], d.device)[0] / max(totals["tokens"], 1)})
     return row
 
 
@@ -405,7 +391,7 @@ class HeldoutReward:
             reward, _ = score_completion(text, prompt, self.grpo, self.loop.enable_thinking)
             rewards[TASKS.index(prompt.sample.task)].append(reward)
             lengths += len(toks)
-        sums = _reduce([v for r in rewards for v in (sum(r), len(r))] + [lengths])
+        sums = all_reduce_sum([v for r in rewards for v in (sum(r), len(r))] + [lengths], run.d.device)
         total = sum(sums[0:-1:2])
         count = sum(sums[1:-1:2])
         row = {"eval/reward": total / max(count, 1), "eval/response_length_mean": sums[-1] / max(count, 1)}
@@ -452,7 +438,7 @@ def train(run, grpo: GRPOConfig, loop: LoopConfig) -> None:
                "tokens_per_s": result["tokens"] / max(now - start, 1e-9),
                "skipped_samples": sum(run.loader.skipped.values()), "skipped_steps": run.bad_steps,
                **rollout, **{k: result[k] for k in ("entropy", "clip_fraction", "approx_kl", "kl")},
-               "train_tokens_per_s": result.get("update_tokens", 0) / max(_max([now - update_start])[0], 1e-9)}
+               "train_tokens_per_s": result.get("update_tokens", 0) / max(all_reduce_max([now - update_start], d.device)[0], 1e-9)}
         if evaluate is not None and ((cfg.eval.every and run.step % cfg.eval.every == 0) or run.step == cfg.train.steps):
             row.update(evaluate(run))
         if run.step % cfg.train.log_every == 0 or run.step == last:

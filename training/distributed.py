@@ -87,11 +87,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device, group=None) -> list[float]:
+def all_reduce_sum(values: list[float], device, group=None, op=None) -> list[float]:
+    """Element-wise sum (or `op`, e.g. dist.ReduceOp.MAX) of `values` over the ranks, in float64 on
+    `device` (the backend's: NCCL reduces CUDA tensors only)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, group=group, op=op or dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], device) -> list[float]:
+    return all_reduce_sum(values, device, op=dist.ReduceOp.MAX)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
