@@ -8,7 +8,6 @@ sharded on their own, then the root).
 from __future__ import annotations
 
 import logging
-
 import os
 import socket
 from dataclasses import dataclass
@@ -147,6 +146,9 @@ class _ModelOutputNotice(logging.Filter):
         return "ModelOutput" not in record.getMessage()
 
 
+_MODEL_OUTPUT_NOTICE = _ModelOutputNotice()  # one instance: addFilter skips one already there
+
+
 def init_deepspeed(model: nn.Module, optimizer, ds_config: dict):
     """The DeepSpeed engine around a materialized model. ZeRO-3 partitions the parameters here, so
     until then every rank holds the whole model (FSDP2 materializes shard by shard instead)."""
@@ -166,6 +168,6 @@ def init_deepspeed(model: nn.Module, optimizer, ds_config: dict):
         # ZeRO-3 gathers a module's own parameters around its forward; these are read by another one
         for module, param in model.external_parameters():
             deepspeed.zero.register_external_parameter(module, param)
-        logging.getLogger("DeepSpeed").addFilter(_ModelOutputNotice())
+        logging.getLogger("DeepSpeed").addFilter(_MODEL_OUTPUT_NOTICE)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine, optimizer

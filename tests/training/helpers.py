@@ -65,8 +65,8 @@ class ListLoader:
 
     def __iter__(self):
         while True:
-            yield self.batches[(self.i * self.world + self.rank) % len(self.batches)]
-            self.i += 1
+            self.i += 1  # before yielding: a checkpoint taken after this batch resumes at the next one
+            yield self.batches[((self.i - 1) * self.world + self.rank) % len(self.batches)]
 
     def state_dict(self):
         return {"i": self.i}
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], batches_path
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), WANDB_MODE="disabled")
     torch.set_num_threads(1)
-    from training.distributed import shutdown
+    from launch.common import finish
     from training.evaluate import heldout_loss
     from training.trainer import setup, train
 
@@ -87,7 +87,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], batches_path
     batches = torch.load(batches_path, weights_only=False)
     run = setup(cfg, lambda cfg, d, tok: ListLoader(batches, d.dp_rank, d.dp))
     train(run, evaluate=heldout_loss)  # when eval.every > 0
-    shutdown()
+    if cfg.export.hf:
+        from training.export import export_hf
+
+        export_hf(run)
+    finish()  # as the launchers end: interpreter shutdown after DeepSpeed occasionally aborts (SIGABRT) on CPU
 
 
 def run_workers(world: int, overrides: list[str], batches_path) -> list[dict]:
