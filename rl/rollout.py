@@ -104,7 +104,8 @@ def heldout_prompts(data_cfg, tokenizer, per_source: int, rank: int = 0, world_s
 # ----------------------------------------------------------------------------- generation
 
 
-def _images(prompts: list[Prompt], dtype: torch.dtype):
+def prompt_images(prompts: list[Prompt], dtype: torch.dtype):
+    """(pixel_values, image_grid_thw) of the prompts' images, concatenated in prompt order, or (None, None)."""
     pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
     if not pixels:
         return None, None
@@ -129,7 +130,7 @@ def sample_completions(model: Exaone45, prompts: list[Prompt], grpo: GRPOConfig,
     tokens, finished = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        pixels, grid = _images(chunk, dtype)
+        pixels, grid = prompt_images(chunk, dtype)
         out = generate(
             model, [p.input_ids for p in chunk],
             pixel_values=None if pixels is None else pixels.to(device),

@@ -45,7 +45,8 @@ def _unwrap(model):
 
 def is_zero3(model) -> bool:
     """Parameters partitioned over the ranks by DeepSpeed ZeRO-3 (the engine or its module)."""
-    return any(hasattr(p, "ds_status") for p in _unwrap(model).parameters())
+    first = next(_unwrap(model).parameters(), None)  # ZeRO-3 partitions every parameter
+    return first is not None and hasattr(first, "ds_status")
 
 
 def full_model_state(model) -> dict:

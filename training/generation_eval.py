@@ -81,22 +81,21 @@ def heldout_prompts(data_cfg, task: str, limit: int, rank: int = 0, world: int =
 def complete(model, tokenizer, samples: Sequence[Sample], data_cfg, *, max_new_tokens: int = 48,
              enable_thinking: bool = False, batch_size: int = 32) -> list[str]:
     """Greedy completions (text, without the stop token) of the samples' generation prompts."""
+    from rl.rollout import decode, prompt_images
+
     cfg = to_data_config(data_cfg)
     stop = cfg.end_of_turn_token_id
+    weight = next(model.parameters())
     out: list[str] = []
     for i in range(0, len(samples), batch_size):
         prompts = [render_grpo_prompt(s, tokenizer, cfg.image_settings, cfg.special_tokens, enable_thinking)
                    for s in samples[i : i + batch_size]]
-        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
-        device = next(model.parameters()).device
+        pixels, grids = prompt_images(prompts, weight.dtype)
         gen = generate(model, [p.input_ids for p in prompts], max_new_tokens=max_new_tokens, stop_ids=[stop],
                        pad_id=cfg.pad_token_id,
-                       pixel_values=torch.cat(pixels).to(device) if pixels else None,
-                       image_grid_thw=torch.cat(grids).to(device) if grids else None)
-        for tokens in gen.tokens:
-            tokens = tokens[:-1] if tokens and tokens[-1] == stop else tokens
-            out.append(tokenizer.decode(tokens, skip_special_tokens=False))
+                       pixel_values=None if pixels is None else pixels.to(weight.device),
+                       image_grid_thw=None if grids is None else grids.to(weight.device))
+        out += [decode(tokenizer, tokens, stop) for tokens in gen.tokens]
     return out
 
 

@@ -38,12 +38,12 @@ def test_packed_logprobs_equal_the_sampling_logprobs(demo_corpus, demo_tokenizer
     from model.config import preset
     from model.generate import generate
     from model.vlm import build_model
-    from rl.rollout import _images
+    from rl.rollout import prompt_images
 
     torch.manual_seed(0)
     model = build_model(preset("tiny"))
     prompts = _prompts(demo_corpus, demo_tokenizer)
-    pixels, grid = _images(prompts, torch.float32)
+    pixels, grid = prompt_images(prompts, torch.float32)
     out = generate(model, [p.input_ids for p in prompts], pixel_values=pixels, image_grid_thw=grid, max_new_tokens=12,
                    temperature=1.0, generator=torch.Generator().manual_seed(0))
     packed = pack([(p, t, 1.0) for p, t in zip(prompts, out.tokens)], "cpu")
