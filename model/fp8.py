@@ -11,17 +11,19 @@ materialized) and before FSDP / torch.compile, like torchtitan.
 Backends (`model.fp8`):
 - `none`: nothing is swapped.
 - `emulated`: `EmulatedFloat8Linear`, plain PyTorch that rounds the GEMM operands to float8 and back
-  (e4m3 for activations and weights, e5m2 for output gradients) and multiplies in fp32. It runs
-  anywhere and is the numerical reference for what FP8 training does to a model.
+  (the formats of the scaling recipe below) and multiplies in fp32. It runs anywhere and is the
+  numerical reference for what FP8 training does to a model (and for the torchao path).
 - `torchao`: torchao's `Float8Linear` (real scaled matmuls; on CPU through `torch._scaled_mm`).
 - `te`: Transformer Engine's `Linear` inside an FP8 autocast (GPU only).
 
 Scaling (`model.fp8_scaling`): `tensorwise` uses one scale per operand; `rowwise` uses one scale per
 row of each GEMM operand along the contracted dimension (per token of the input, per output row of
-the weight in the forward), the recipe torchao calls "rowwise" (whose gradients are e4m3, where
-`emulated` keeps e5m2). Scales are exact per tensor and rounded down to a power of two per row, as
-in torchao, so `emulated` matches torchao's forward up to fp32 summation order (up to bf16 rounding
-rowwise, whose CPU GEMM writes bf16) and, tensorwise, its backward too.
+the weight in the forward), the recipe torchao calls "rowwise". The formats follow torchao's
+recipes: tensorwise rounds activations and weights to e4m3 and output gradients to e5m2; rowwise
+rounds all three to e4m3 (per-row scales leave little need for e5m2's range). Scales are exact per
+tensor and rounded down to a power of two per row, as in torchao, so `emulated` computes what
+torchao does up to fp32 summation order (rowwise, up to bf16 rounding: torchao's CPU GEMM writes
+bf16), forward and backward.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ class _Float8Matmul(torch.autograd.Function):
         rowwise = ctx.rowwise
         grad_x = grad_w = None
         with torch.autocast(grad_out.device.type, enabled=False):
+            grad_format = E4M3 if rowwise else E5M2  # torchao's recipes
             if ctx.needs_input_grad[0]:
-                grad_x = (_q(grad_out, E5M2, -1, rowwise) @ _q(w, E4M3, 0, rowwise)).to(x.dtype)
+                grad_x = (_q(grad_out, grad_format, -1, rowwise) @ _q(w, E4M3, 0, rowwise)).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = (_q(grad_out, E5M2, 0, rowwise).t() @ _q(x, E4M3, 0, rowwise)).to(w.dtype)
+                grad_w = (_q(grad_out, grad_format, 0, rowwise).t() @ _q(x, E4M3, 0, rowwise)).to(w.dtype)
         return grad_x, grad_w, None
 
 

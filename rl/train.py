@@ -119,7 +119,9 @@ def collect(run, grpo: GRPOConfig, loop: LoopConfig, generator: torch.Generator)
     stats = rollout_sums(everything) + [sum(item.task == t for item in kept.items) for t in TASKS]
     num_kept, num_zero = len(kept), int((~zero_variance_mask(everything.rewards, grpo.zero_std_tol)).sum())
     sums = all_reduce_sum([num_kept, num_zero, len(everything)] + stats, d.device)
-    kept_per_task = {f"train_groups/{t}": int(n) for t, n in zip(TASKS, sums[-len(TASKS):]) if n}
+    # every task of the mixture, 0 when none of its groups was kept this step
+    mixture_tasks = {t for t, w in run.loader.cfg.mixture.items() if w > 0}
+    kept_per_task = {f"train_groups/{t}": int(n) for t, n in zip(TASKS, sums[-len(TASKS):]) if n or t in mixture_tasks}
     sums = sums[: -len(TASKS)]
     maxima = all_reduce_max([fill["num_gen_batches"], seconds, stats[4]], d.device)
     total_kept, total_zero, total_groups = sums[:3]

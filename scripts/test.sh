@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-exec $PY -m pytest "$@"
+exec $PY -m pytest --durations=25 "$@"  # the slowest tests, to keep the suite under 10 minutes

@@ -76,6 +76,8 @@ def test_grpo_raises_heldout_reward(tmp_path, corpus):
           f"{before['eval/reward_task/math']:.3f} -> {after['eval/reward_task/math']:.3f}, "
           f"(all) {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}")
     assert before["step"] == 0 and after["step"] == 20
-    assert all(r["train_groups/math"] > 0 and r["train_groups/counting"] > 0 for r in rows[1:] if "num_train_groups" in r)
+    steps = [r for r in rows[1:] if "num_train_groups" in r]
+    assert len(steps) == 20 and all("train_groups/math" in r and "train_groups/counting" in r for r in steps)
+    assert sum(r["train_groups/math"] for r in steps) > 0 and sum(r["train_groups/counting"] for r in steps) > 0
     assert after["eval/reward"] >= before["eval/reward"] + MARGIN
     assert after["eval/reward_task/math"] > before["eval/reward_task/math"]
