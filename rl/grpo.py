@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from rl.rewards import TASK_REWARDS
+from training.rewards import TASK_REWARDS
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 UNDERFILLED_MODES = ("warn", "fail")

@@ -3,7 +3,7 @@
     prompts = PromptStream(cfg.data, tokenizer, rank, world_size, seed)  # resumable, this rank's share
     with generation_mode(run.module) as model:   # full parameters on this rank, no collective inside
         groups = generate_groups(model, prompts.take(n), grpo, tokenizer, generator)
-    groups.rewards                               # [n, G] weighted task rewards (rl/rewards.py `score`)
+    groups.rewards                               # [n, G] weighted task rewards (training/rewards.py `score`)
     groups.items[i]                              # Rollout: the prompt, its G completions, reward parts
 
 Prompts are rendered with the chat template and its generation prompt (reasoning on by default:
@@ -25,7 +25,7 @@ from data.text import Prompt, render_grpo_prompt
 from model.generate import generate
 from model.vlm import Exaone45
 from rl.grpo import GRPOConfig, RolloutGroups
-from rl.rewards import score
+from training.rewards import score
 
 
 @dataclass

@@ -30,7 +30,7 @@ from rl.grpo import (
     group_advantages, kl_k3, policy_loss, zero_variance_mask,
 )
 from data.schema import TASKS
-from rl.rewards import REWARDS
+from training.rewards import REWARDS
 from rl.rollout import (
     PromptStream, decode, generate_groups, heldout_prompts, sample_completions, score_completion,
 )

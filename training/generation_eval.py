@@ -14,7 +14,7 @@ mode, which tokenizes exactly as the training sequences of that mode do (data/te
 `enable_thinking=False` (the default) ends it with the empty think block, so the completion is the
 answer (short, cheap to decode); `True` ends it with `<think>\\n` and the model reasons first.
 
-| task      | held-out source          | metric (rl/rewards.py)                       |
+| task      | held-out source          | metric (training/rewards.py)                       |
 |-----------|--------------------------|----------------------------------------------|
 | math      | math                     | math_boxed: last \\boxed{} equals the answer |
 | digits    | chat, digit-image chats  | math_boxed against the digit label           |
@@ -41,7 +41,7 @@ from data.mixture import iter_heldout, to_data_config
 from data.schema import Sample
 from data.text import render_grpo_prompt
 from model.generate import generate
-from rl import rewards
+from . import rewards
 
 from .distributed import all_reduce_sum
 

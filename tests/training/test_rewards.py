@@ -2,7 +2,7 @@
 
 import pytest
 
-from rl.rewards import (REWARDS, TASK_REWARDS, box_iou, last_boxed, levenshtein, normalize_answer,
+from training.rewards import (REWARDS, TASK_REWARDS, box_iou, last_boxed, levenshtein, normalize_answer,
                         parse_boxes, score)
 
 MALFORMED = [
