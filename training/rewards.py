@@ -6,14 +6,90 @@ missing key) scores 0 instead of crashing the rollout step. Configuration mistak
 `score` raises on an unknown task or reward name, or on negative or all-zero weights.
 
 Rewards and the `meta` keys they read:
-  math_boxed       last \\boxed{...} equals meta["answer"] after LaTeX/number normalization
+  math_boxed       the final box (below) is mathematically equivalent to meta["answer"]
   format           reasoning block closed (meta["enable_thinking"], default on) and exactly one
                    closed \\boxed{} after it
   ocr              1 - levenshtein / max_len vs meta["text"], whitespace- and case-normalized
   grounding        IoU of the last box written with meta["boxes"] ([0, 1000] integer coordinates)
-  counting         the boxed integer (else the last number written) equals meta["answer"]
-  multiple_choice  a letter A-E (boxed, else "answer is X") equals meta["answer"]
-  exact_match      boxed text (else the whole answer) equals meta["answer"], case-insensitive
+  counting         the boxed count (else the whole answer if it is a count, else the last number
+                   written) equals the integer meta["answer"]
+  multiple_choice  a letter A-E (boxed, else the whole answer, else "answer is X") equals
+                   meta["answer"]
+  exact_match      boxed text (else the whole answer) equals meta["answer"], case-insensitive;
+                   when both sides are math (no words), by the math_boxed equivalence instead
+
+The final box (`final_box`). The LAST `\\boxed{...}` of the completion counts (as in DAPO), nested
+braces matched; the box is required (no box: 0), an unclosed last box scores 0 (no fallback to an
+earlier one) and so does an empty one. `\\boxed 5` / `\\boxed5` (no braces) counts when one
+number or one letter follows, delimited (`\\boxed 5.` is 5); a last `\\boxed` followed by
+anything else answer-like (`\\boxed 5x`, `\\boxed \\frac12`) or by nothing (truncated) scores 0,
+one followed by a word ("the \\boxed command") is prose and the box before it counts. The
+`format` reward keeps its own rule (exactly one closed `\\boxed{}`).
+
+Math equivalence (math_boxed; exact_match on math). Answer text identical to the reference up to
+whitespace is right. Otherwise both sides are parsed to sympy with math-verify's LaTeX
+normalization (latex2sympy2_extended.normalize_latex with math_verify's LatexExtractionConfig
+settings) and its latex2sympy parser, and compared with `math_verify.verify`, except for numbers,
+sets, tuples, intervals and matrices, which are compared here element by element so that the
+policy below holds exactly. We do not call `math_verify.parse`: its LaTeX path hard-codes
+latex2sympy's "integer followed by a positive rational is a mixed number" rule, which reads `2(3)`,
+`(2)3`, `2[3]` and `2 3` as 5 and `2\\left(\\frac12\\right)` as 5/2 (wrong answers scoring 1), and
+its percent parsing fails with the ANTLR 4.9.3 runtime we pin (hydra-core needs it). Decisions:
+  * Mixed numbers: digits directly followed by a proper digit fraction, `1\\frac{1}{2}` = 3/2,
+    `-2\\frac{1}{3}` = -7/3 (never 11/2). Any other juxtaposition is a product: `2(3)` = 6,
+    `2\\frac{4}{2}` = 4.
+  * Decimals are exact (0.5 = 1/2, 7.0 = 7, 0.125 = 1/8; 1000000.4 is not 1000000, 0.1250001 is
+    not 1/8, 1.6\\times10^{-19} is not 1.9\\times10^{-19}). Only a decimal standing for a value
+    with no finite decimal expansion (1/3, \\pi, \\sqrt2), on either side, may be off by a relative
+    1e-6 (|pred - gold| <= 1e-6 max(|pred|, |gold|)): 0.333333 and 0.3333333 match 1/3, 0.333 and 0.33333 do
+    not; 3.14159 matches \\pi, 3.14 does not. Exact values (fractions, roots, \\pi) are compared
+    exactly: \\sqrt8 = 2\\sqrt2, \\pi/2 = \\frac{\\pi}{2}, 10^3 = 1000.
+  * Thousands separators only in an answer that is one number: `1,000`, `1{,}000`, `1\\,000`,
+    `1 000` are 1000, `12,345.5` is 12345.5; `1,2` is the set {1, 2}, never 12.
+  * Percentages: a trailing `\\%` / `%` / `percent` on ONE side may be read either as written or
+    divided by 100: `50\\%` matches 50, 0.5 and \\frac12; with the sign on both sides the numbers
+    must match (50\\% vs 0.5\\% is 0); with no sign on either, 50 vs 0.5 is 0.
+  * Units and words: one trailing unit is dropped (`5 \\text{ cm}`, `5\\,\\mathrm{cm}^2`, `5 cm`,
+    `12 \\text{ dollars}`, `90^\\circ`, `90°`) as math-verify does; a \\text{} group followed by
+    more digits (`3 \\text{ h } 20 \\text{ min}`) is not a unit and keeps everything (0 vs 3).
+  * Currency: `\\$`, `$`, `€`, `£`, `¥` are dropped (`\\$12` = 12, `\\$1,000` = 1000).
+  * Signs: the Unicode minus (U+2212, also U+FE63, U+FF0D) reads as `-`; `\\pm 2` is {-2, 2}.
+  * Sets are unordered (`\\{3,2,1\\}` = `\\{1,2,3\\}` = `1, 2, 3`), tuples ordered (`(1,2,3)` is
+    not `(3,2,1)`); a reference tuple accepts the bare list `1, 2, 3` in the same order.
+    `(a, b)` with a < b is read as the open interval, as math-verify does; intervals need the same
+    ends and the same open/closed sides (`(1, 2]` is not `[1, 2]`). Matrices: same shape and
+    entries.
+  * Expressions and equations: math_verify.verify (`3+2x` = `2x+3`); an assignment `x = 5` (or
+    `x = 2 + 3 = 5`: the last right-hand side) answers the same as `5` when the reference is not
+    an equation itself. Symbols are case-insensitive (latex2sympy lowercases them).
+  * Trailing full stop is dropped (`3.` is 3). Unparsable answers are right only when their
+    normalized text equals the reference's.
+
+Bounded cost, independent of machine load. math-verify's own timeouts (SIGALRM: main thread only;
+and any wall-clock limit would make a reward depend on load and break exact resume) are disabled
+(`timeout_seconds=None`). Instead inputs are cut deterministically before sympy sees them, and
+every cut scores 0 and is counted in LIMITS_HIT[reason] (`pop_limit_counts()` returns and clears
+the counts, e.g. to log them per GRPO step; a cut on the reference side is counted as
+"gold_<reason>"):
+  completion_chars  completion longer than MAX_COMPLETION_CHARS (math_boxed, counting, exact_match)
+  answer_chars      box / reference longer than MAX_ANSWER_CHARS
+  nesting           brackets nested deeper than MAX_NESTING
+  exponent          a numeric power tower (an exponent holding `^` and no letters, `9^{9^{9^9}}`,
+                    `10^{10^{10}}`), an exponent with more than MAX_EXPONENT_DIGITS digits, or a
+                    power of a variable above MAX_SYMBOLIC_EXPONENT (`(x+1)^{500}`)
+  factorial         `n!` with n > MAX_FACTORIAL, or `(...)!` holding more than 3 digits
+  binomial          \\binom / \\choose / \\Gamma with a number above MAX_FACTORIAL (evaluated eagerly)
+  magnitude         the parsed expression may hold a number of more than MAX_DIGITS digits (bound
+                    computed on the unevaluated tree: powers, products, factorials)
+  calculus          an unevaluated sum, product, integral, limit or derivative
+  elements          a set / tuple of more than MAX_ELEMENTS elements
+An answer identical to the reference (whitespace aside) is right before any of these applies.
+
+Counting (also digit labels): the boxed content, else the whole answer when it is a count, else
+the last number written; accepted: `3`, `3.`, `\\boxed{3}`, `\\boxed{3.0}`, `\\boxed{1,200}`,
+`\\boxed{7 apples}`, `\\boxed{\\frac{6}{2}}`, and the number words zero to twenty (`three`, `Three.`)
+as a box or as the whole answer (not inside prose); the reference may be a word too. Not an
+integer (`3.5`), another number in the box (`7 or 8`), or no number: 0.
 
 TASK_REWARDS holds the default weights per task; `score(..., weights=...)` takes a recipe's
 `reward_weights` ({task: {reward: weight}}), whose entry for a task replaces the default entry.
@@ -21,12 +97,22 @@ TASK_REWARDS holds the default weights per task; `score(..., weights=...)` takes
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
+from typing import Any, Callable
+
+import math_verify
+import math_verify.grader
+import sympy
+from latex2sympy2_extended.latex2sympy2 import ConversionConfig, _Latex2Sympy, normalize_latex
+from latex2sympy2_extended.sets import FiniteSet as OrderedFiniteSet
+from math_verify.grader import should_treat_as_complex
+from math_verify.parser import get_last_eq
 
 Reward = Callable[[str, Mapping], float]
 
@@ -43,6 +129,36 @@ def _never_raises(fn: Reward) -> Reward:
         return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
 
     return reward
+
+
+# ----------------------------------------------------------------------------- limits
+
+MAX_COMPLETION_CHARS = 262_144
+MAX_ANSWER_CHARS = 400
+MAX_NESTING = 12
+MAX_EXPONENT_DIGITS = 4
+MAX_FACTORIAL = 1000
+MAX_DIGITS = 20_000
+MAX_ELEMENTS = 64
+MAX_SYMBOLIC_EXPONENT = 100
+
+# reason -> number of inputs cut since the last pop_limit_counts(); see the module docstring.
+LIMITS_HIT: collections.Counter[str] = collections.Counter()
+
+
+def pop_limit_counts() -> dict[str, int]:
+    """The limit counts since the last call ({reason: count}), and reset them."""
+    counts = dict(LIMITS_HIT)
+    LIMITS_HIT.clear()
+    return counts
+
+
+class _Cut(Exception):
+    """An input over a cost limit; `reason` is the LIMITS_HIT key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -72,63 +188,439 @@ def last_boxed(text: str) -> str | None:
     return None if start < 0 else _braced(text, start + len("\\boxed"))
 
 
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_FRAC = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_FRAC_DIGITS = re.compile(r"\\frac\s*(\d)\s*(\d)")  # \frac12, LaTeX's brace-less shorthand
-_SQRT_DIGIT = re.compile(r"\\sqrt\s*(\d)")
-_VARIABLE_PREFIX = re.compile(r"^[a-zA-Z]=(?!=)")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
-_NUMBER_OR_RATIO = re.compile(rf"({_NUMBER})(?:/({_NUMBER}))?")
-_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "~", "$", "\\%", "%",
-            "^{\\circ}", "^\\circ", "\\displaystyle")
+_BARE_BOX = re.compile(r"[ \t]*("
+                       r"-?\d+(?:\.\d+)?(?![\w.{\\^_/])"  # a number, not followed by more math
+                       r"|-?\d+(?=\.(?!\d))"  # a number ending a sentence
+                       r"|(?<=[ \t])[A-Za-z](?![\w{\\^_]))")  # one letter, after a space
 
 
-def _sub_until_stable(pattern: re.Pattern, repl: str, s: str) -> str:
-    # Innermost groups match first, so nested \text{\frac{..}{..}} needs several passes.
+_PROSE_AFTER_BOX = re.compile(r"\s*(?:[A-Za-z]{2}|[^\w\s\\{\-])")  # not at the end: truncated
+
+
+def final_box(text: str) -> str | None:
+    """The answer the math rewards read: content of the LAST `\\boxed`, as `\\boxed{...}` (nested
+    braces matched) or `\\boxed 5` (one delimited number or letter). None when there is no box, the
+    last `\\boxed{` is never closed, or the last `\\boxed` is followed by something else that
+    looks like an answer (`\\boxed 5x`); a `\\boxed` followed by a word or punctuation is prose
+    and the one before it counts."""
+    end = len(text)
     while True:
-        new = pattern.sub(repl, s)
-        if new == s:
-            return s
-        s = new
+        start = text.rfind("\\boxed", 0, end)
+        if start < 0:
+            return None
+        after = start + len("\\boxed")
+        rest = text[after : after + 1]
+        if rest.isalpha():  # \boxedfoo is another command
+            end = start
+            continue
+        brace = after
+        while brace < len(text) and text[brace] in " \t":
+            brace += 1
+        if brace < len(text) and text[brace] == "{":
+            return _braced(text, brace)
+        m = _BARE_BOX.match(text, after)
+        if m:
+            return m[1]
+        if not _PROSE_AFTER_BOX.match(text, after):
+            return None  # `\boxed 5x`, `\boxed \frac12`: a malformed last box
+        end = start  # `\boxed` mentioned in prose ("the \boxed command"): look further back
 
 
-def normalize_answer(s: str) -> str:
-    """Canonical form of a final answer: `$\\dfrac{1}{2}$` -> `(1)/(2)`, `1{,}000` -> `1000`."""
-    s = s.strip().replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
-    for token in _DROPPED:
-        s = s.replace(token, "")
-    s = _sub_until_stable(_TEXT_CMD, r"\1", s)
-    s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
-    s = _sub_until_stable(_FRAC, r"(\1)/(\2)", s)
-    s = _SQRT_DIGIT.sub(r"\\sqrt{\1}", s)
-    s = "".join(s.split()).rstrip(".")
-    s = _VARIABLE_PREFIX.sub("", s)  # "x=5" answers the same question as "5"
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    return s
+# ----------------------------------------------------------------------------- math equivalence
 
 
-def to_number(s: str) -> Fraction | None:
-    """Exact value of a normalized answer that is a number or a ratio of numbers, else None."""
-    if re.fullmatch(r"[\d.+\-/()]+", s):
-        s = s.replace("(", "").replace(")", "")
-    m = _NUMBER_OR_RATIO.fullmatch(s)
-    if m is None:
-        return None
-    value, denominator = Fraction(m[1]), Fraction(m[2] or 1)
-    return None if denominator == 0 else value / denominator
+# verify() logs a warning the first time it runs with timeouts off; they are off on purpose (see
+# the module docstring), so it is not printed into every training log.
+math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+
+_MIXED = re.compile(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 
 
-def same_answer(pred: str, gold: str) -> bool:
-    """Equal as numbers when both are numbers (0.5 == 1/2 == \\frac{1}{2}), else as strings."""
-    p, g = normalize_answer(pred), normalize_answer(gold)
-    if not p:
+class _Converter(_Latex2Sympy):
+    """latex2sympy with mixed numbers only where a reader sees one (see the module docstring).
+
+    Same as _Latex2Sympy.convert_postfix_list (latex2sympy2_extended 1.11, pinned through
+    math-verify 0.9) except for that rule, which upstream applies to any integer followed by a
+    positive rational (its ConversionConfig.interpret_as_mixed_fractions is never read).
+    """
+
+    def convert_postfix_list(self, arr, i=0):
+        if i >= len(arr):
+            raise Exception("Index out of bounds")
+        res = self.convert_postfix(arr[i])
+        if isinstance(res, (sympy.Expr, sympy.Matrix)):
+            if i == len(arr) - 1:
+                return res
+            rh = self.convert_postfix_list(arr, i + 1)
+            if getattr(res, "is_Matrix", False) or getattr(rh, "is_Matrix", False):
+                return self.mat_mul_flat(res, rh)
+            if i + 2 == len(arr):
+                m = _MIXED.fullmatch(arr[i].getText() + arr[i + 1].getText())
+                if m and 0 < int(m[2]) < int(m[3]):
+                    whole, num, den = (int(g) for g in m.groups())
+                    return sympy.Rational(whole * den + num, den)
+            return self.mul_flat(res, rh)
+        if isinstance(res, list) and len(res) == 1:  # a derivative
+            if i == len(arr) - 1:
+                raise Exception("Expected expression for derivative")
+            return sympy.Derivative(self.convert_postfix_list(arr, i + 1), res[0])
+        return res
+
+    def handle_gcd_lcm(self, f, args):
+        # upstream passes unevaluated powers to sympy.gcd, which reads them as polynomial
+        # generators: gcd(9^{9999}, 6) came out 1. Evaluate the (bounded) arguments first.
+        for arg in args:
+            if _log10_bound(arg) > MAX_DIGITS:
+                raise _Cut("magnitude")
+        return super().handle_gcd_lcm(f, [sympy.sympify(arg).doit() for arg in args])
+
+
+# math_verify.parse's LaTeX normalization; units on or off (see _units_only_at_end)
+_NORMALIZATION = {
+    units: type(math_verify.LatexExtractionConfig().normalization_config)(
+        **{**math_verify.LatexExtractionConfig().normalization_config.__dict__, "boxed": "all",
+           "units": units})
+    for units in (True, False)}
+
+
+@dataclass(frozen=True)
+class _Answer:
+    expr: Any  # sympy object, None when unparsable
+    text: str  # normalized LaTeX (compared when neither side parses)
+    percent: bool  # a trailing percent sign was removed
+    decimal: bool  # a decimal number was written (relative tolerance applies)
+    cut: str | None = None  # the limit it hit (then expr is None)
+
+
+_UNICODE = {"\u2212": "-", "\ufe63": "-", "\uff0d": "-", "\u00d7": "\\times ",
+            "\u00b7": "\\cdot ", "\u00f7": "\\div ", "\u00b0": "^\\circ", "\u03c0": "\\pi ",
+            "\u221e": "\\infty ", "\u221a": "\\sqrt", "\u2264": "\\le ", "\u2265": "\\ge "}
+_CURRENCY = re.compile(r"\\\$|\$|€|£|¥|\\euro\b|\\pounds\b|\\yen\b")
+_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm|textbf|textit|textnormal|mathbf|mathit)\s*\{[^{}]*\}")
+_PERCENT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\s*\{\s*\\?%\s*\}")
+_TRAILING_STOP = re.compile(r"(?<=[\w}\)\]])\s*\.$")
+_PERCENT = re.compile(r"(.*?)(?:\s|\\[,;: !]|~)*\\?%(?:\s|\\[,;: !]|~)*", re.DOTALL)
+_THOUSANDS = re.compile(r"(-?)([1-9]\d{0,2}(?:(?:,|\{,\}|\\,|\\ |\\;|~|\s)\d{3})+)(\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+_E_NOTATION = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)[eE][+-]?\d{1,4}")
+_BINOMIAL = re.compile(r"\\[dt]?binom|\\choose|\\Gamma|\\operatorname\s*\{\s*Gamma\s*\}")
+_INTEGER = re.compile(r"\d+")
+
+
+def _units_only_at_end(s: str) -> bool:
+    """No digit after any \\text{}-like group, except a unit's exponent (`\\text{cm}^2`)."""
+    for m in _TEXT_GROUP.finditer(s):
+        after = re.sub(r"^\s*\^\s*\{?\s*\d\s*\}?", "", s[m.end():])
+        if re.search(r"\d", after):
+            return False
+    return True
+
+
+def _exponent_at(s: str, i: int) -> str:
+    """The exponent after the `^` at i: a brace group, a command, a digit run or one character."""
+    j = i + 1
+    while j < len(s) and s[j] == " ":
+        j += 1
+    if j >= len(s):
+        return ""
+    if s[j] == "{":
+        group = _braced(s, j)
+        return s[j + 1 :] if group is None else group
+    m = re.match(r"\\[a-zA-Z]+|\d+|.", s[j:])
+    return m[0]
+
+
+def _check_text(s: str) -> None:
+    """Raise _Cut for inputs sympy could choke on, before parsing (see the module docstring)."""
+    if len(s) > MAX_ANSWER_CHARS:
+        raise _Cut("answer_chars")
+    depth = deepest = 0
+    for ch in s:
+        if ch in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "})]":
+            depth = max(depth - 1, 0)
+    if deepest > MAX_NESTING:
+        raise _Cut("nesting")
+    if s.count(",") >= MAX_ELEMENTS:  # cheaper than parsing the list first
+        raise _Cut("elements")
+    for i, ch in enumerate(s):
+        if ch == "^":
+            exponent = _exponent_at(s, i)
+            no_letters = not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", exponent))
+            if "^" in exponent and no_letters:
+                raise _Cut("exponent")
+            if sum(c.isdigit() for c in exponent) > MAX_EXPONENT_DIGITS:
+                raise _Cut("exponent")
+        elif ch == "!" and (i == 0 or s[i - 1] != "\\") and s[i + 1 : i + 2] != "=":
+            before = s[:i].rstrip().rstrip("!")
+            literal = re.search(r"(\d+)$", before)
+            if literal and int(literal[1]) > MAX_FACTORIAL:
+                raise _Cut("factorial")
+            if before.endswith((")", "}", "]")) and sum(c.isdigit() for c in before[-40:]) > 3:
+                raise _Cut("factorial")
+    if _BINOMIAL.search(s) and any(int(n) > MAX_FACTORIAL for n in _INTEGER.findall(s)):
+        raise _Cut("binomial")
+
+
+def _ilog10(n: int) -> float:
+    return abs(n).bit_length() * 0.30103
+
+
+def _log10_bound(e) -> float:
+    """Upper bound of log10(max(|value|, 10)) for an unevaluated sympy tree, computed without
+    evaluating it: symbols count as 10, sums as their largest term, products as the sum of their
+    factors, b^x as |x| log10 b, n! as n log10 n. Raises _Cut for unevaluated calculus."""
+    if isinstance(e, sympy.MatrixBase):
+        return max([_log10_bound(x) for x in e] or [1.0])
+    if isinstance(e, (sympy.Sum, sympy.Product, sympy.Integral, sympy.Limit, sympy.Derivative)):
+        raise _Cut("calculus")
+    if isinstance(e, sympy.Rational):
+        return max(_ilog10(e.p), _ilog10(e.q), 1.0)
+    if isinstance(e, sympy.Float):
+        _, man, exp, bc = e._mpf_ if len(e._mpf_) == 4 else (0, 0, 0, 0)
+        return max(abs(exp + bc) * 0.30103, 1.0) if man else 1.0
+    if not isinstance(e, sympy.Basic) or not e.args:
+        return 1.0
+    if isinstance(e, sympy.Pow):
+        base, exponent = e.args
+        lb = _log10_bound(base)
+        if exponent.free_symbols:
+            return lb + _log10_bound(exponent)
+        if isinstance(exponent, sympy.Rational):
+            size = abs(Fraction(exponent.p, exponent.q))
+            if base.free_symbols and size > MAX_SYMBOLIC_EXPONENT:
+                raise _Cut("exponent")  # (x + 1)^500: simplify would expand it
+        else:
+            le = _log10_bound(exponent)
+            if le > 9:
+                raise _Cut("magnitude")
+            size = 10.0 ** le
+        return max(lb, 1.0) * max(float(size), 1.0)
+    if isinstance(e, (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.gamma)):
+        (n,) = e.args[:1]
+        if n.free_symbols:
+            return _log10_bound(n) + 1.0
+        ln = _log10_bound(n)
+        if ln > 9:
+            raise _Cut("magnitude")
+        size = float(abs(Fraction(n.p, n.q))) if isinstance(n, sympy.Rational) else 10.0 ** ln
+        return max(size, 1.0) * max(math.log10(max(size, 10.0)), 1.0)
+    parts = [_log10_bound(a) for a in e.args]
+    if isinstance(e, sympy.Mul):
+        return sum(parts)
+    if isinstance(e, sympy.Add):
+        return max(parts) + math.log10(len(parts))
+    return max(parts) + 1.0
+
+
+def _to_rationals(expr):
+    """Decimals as the exact rationals they denote (0.333 -> 333/1000); a written list keeps its
+    order (a reference tuple compares with it in order)."""
+    if isinstance(expr, OrderedFiniteSet) and hasattr(expr, "_unsorted_args"):
+        return OrderedFiniteSet(*map(_to_rationals, expr._unsorted_args))
+    if isinstance(expr, sympy.MatrixBase):
+        return expr.applyfunc(_to_rationals)
+    if not isinstance(expr, sympy.Basic):
+        return expr
+    return expr.xreplace({f: sympy.Rational(str(f)) for f in expr.atoms(sympy.Float)})
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_answer(raw: str) -> _Answer:
+    """An answer (a box's content or a reference) as sympy, or the limit it hit (never raises
+    for a limit; other parse failures give expr None)."""
+    s = raw.strip()
+    try:
+        if len(s) > MAX_ANSWER_CHARS:
+            raise _Cut("answer_chars")
+        for old, new in _UNICODE.items():
+            s = s.replace(old, new)
+        s = _PERCENT_TEXT.sub(r"\\%", _CURRENCY.sub("", s)).strip()
+        s = _TRAILING_STOP.sub("", s)
+        _check_text(s)
+        # math-verify drops everything from the first \\text{} group to the end as a "unit"; keep
+        # that only when no digit follows a \\text{} group (`3 \\text{ h } 20 \\text{ min}`).
+        units = _units_only_at_end(s)
+        text = normalize_latex(s, _NORMALIZATION[units]).strip()
+        m = _PERCENT.fullmatch(text)
+        percent = m is not None and bool(m[1].strip())
+        if percent:
+            text = m[1].strip()
+        m = _THOUSANDS.fullmatch(text)
+        if m:
+            text = m[1] + re.sub(r"\D", "", m[2]) + (m[3] or "")
+        decimal = bool(re.search(r"\d\.\d|(?<!\d)\.\d|\d[eE][+-]?\d", text))
+        if _PLAIN_NUMBER.fullmatch(text) or _E_NOTATION.fullmatch(text):
+            if _E_NOTATION.fullmatch(text) and abs(int(re.split(r"[eE]", text)[1])) > MAX_DIGITS:
+                raise _Cut("magnitude")
+            return _Answer(sympy.Rational(text.rstrip(".")), text, percent, decimal)
+        expr = _latex_to_sympy(text)
+        if expr is None:
+            return _Answer(None, text, percent, decimal)
+        if _log10_bound(expr) > MAX_DIGITS:
+            raise _Cut("magnitude")
+        if isinstance(expr, (sympy.FiniteSet, sympy.Tuple)) and len(expr.args) > MAX_ELEMENTS:
+            raise _Cut("elements")
+        return _Answer(_to_rationals(expr), text, percent, decimal)
+    except _Cut as cut:
+        return _Answer(None, s, False, False, cut.reason)
+
+
+def _latex_to_sympy(text: str):
+    """math-verify's parse_latex_cached with our Converter: the whole text, else its last
+    equation (`x = 2 + 3 = 5` -> `5`); None when neither parses."""
+    def convert(latex):
+        return _Converter(None, not should_treat_as_complex(latex), False, ConversionConfig()).parse(latex)
+
+    try:
+        return convert(text)
+    except _Cut:
+        raise
+    except Exception:
+        last = get_last_eq(text)
+        if last != text:
+            try:
+                return convert(last)
+            except _Cut:
+                raise
+            except Exception:
+                return None
+    return None
+
+
+def _unwrap_assignment(e):
+    """`x = 5` -> 5, `x = 2 + 3 = 5` -> 5; anything else unchanged."""
+    if math_verify.grader.is_assignment_relation(e):
+        return math_verify.grader.take_last_relation(e).rhs
+    return e
+
+
+def _is_number(e) -> bool:
+    return (isinstance(e, sympy.Expr) and not isinstance(e, sympy.MatrixBase)
+            and not e.free_symbols and e.is_number)
+
+
+def _terminates(x) -> bool:
+    """x has a finite decimal expansion (a rational whose denominator is 2^a 5^b)."""
+    if not isinstance(x, sympy.Rational):
         return False
-    p_num, g_num = to_number(p), to_number(g)
-    if p_num is not None and g_num is not None:
-        return p_num == g_num
-    return p == g
+    q = int(x.q)
+    for f in (2, 5):
+        while q % f == 0:
+            q //= f
+    return q == 1
+
+
+def _numbers_equal(g, p, decimal: bool) -> bool:
+    """Exact equality, except that a decimal approximating a value with no finite decimal
+    expansion (1/3, pi) may be off by 1e-6 relative."""
+    if g.has(sympy.zoo, sympy.nan) or p.has(sympy.zoo, sympy.nan):
+        return False  # undefined (1/0): only the identical text is right
+    if g == p:
+        return True
+    if g.has(sympy.oo, -sympy.oo) or p.has(sympy.oo, -sympy.oo):
+        return False
+    g, p = g.doit(), p.doit()
+    decimal = decimal and not (_terminates(g) and _terminates(p))  # 0.1250001 is not 1/8
+    if isinstance(g, sympy.Rational) and isinstance(p, sympy.Rational):
+        return g == p or (decimal and abs(g - p) <= max(abs(g), abs(p)) / 10**6)
+    if g - p == 0:
+        return True
+    size, gap = max(abs(g.evalf(60)), abs(p.evalf(60))), abs((g - p).evalf(60))
+    if not (isinstance(size, sympy.Number) and isinstance(gap, sympy.Number)):
+        return False  # did not evaluate to a number (an undefined function, ...)
+    if decimal:
+        return bool(size > 0 and gap <= size / 10**6)
+    return bool(gap <= max(size, 1) / sympy.Integer(10) ** 45)  # exact values: 60-digit evaluation
+
+
+def _equivalent(g, p, decimal: bool) -> bool:
+    if math_verify.grader.is_relation(p) and not math_verify.grader.is_relation(g):
+        p = _unwrap_assignment(p)
+    elif math_verify.grader.is_relation(g) and not math_verify.grader.is_relation(p):
+        g = _unwrap_assignment(g)
+    if _is_number(g) and _is_number(p):
+        return _numbers_equal(g, p, decimal)
+    if _is_number(g) != _is_number(p) and (
+            isinstance(g, (sympy.Set, sympy.Tuple)) or isinstance(p, (sympy.Set, sympy.Tuple))):
+        # one side a number, the other a set: only a one-element set can match
+        g_items = list(g.args) if isinstance(g, sympy.FiniteSet) else [g]
+        p_items = list(p.args) if isinstance(p, sympy.FiniteSet) else [p]
+        if len(g_items) == len(p_items) == 1 and (g_items[0] is not g or p_items[0] is not p):
+            return _equivalent(g_items[0], p_items[0], decimal)
+        return False
+    same = functools.partial(_equivalent, decimal=decimal)
+    if isinstance(g, sympy.FiniteSet) and isinstance(p, (sympy.FiniteSet, sympy.Tuple)):
+        return _same_multiset(list(g.args), list(p.args), same)
+    if isinstance(g, sympy.Tuple) and isinstance(p, (sympy.Tuple, sympy.FiniteSet)):
+        p_items = list(getattr(p, "_unsorted_args", p.args))
+        if isinstance(p, sympy.FiniteSet) and not isinstance(p, OrderedFiniteSet):
+            return False  # a set whose written order is lost cannot answer a tuple
+        return len(g.args) == len(p_items) and all(same(a, b) for a, b in zip(g.args, p_items))
+    if isinstance(g, sympy.Interval) and isinstance(p, sympy.Interval):
+        return (g.left_open == p.left_open and g.right_open == p.right_open
+                and same(g.start, p.start) and same(g.end, p.end))
+    if isinstance(g, sympy.MatrixBase) and isinstance(p, sympy.MatrixBase):
+        return g.shape == p.shape and all(same(a, b) for a, b in zip(g, p))
+    # expressions, equations, unions, (1, 2) read as an interval against the list 1, 2, ...
+    return math_verify.verify(g, p, timeout_seconds=None)
+
+
+def _same_multiset(g_items: list, p_items: list, same) -> bool:
+    if len(g_items) != len(p_items):
+        return False
+    left = list(p_items)
+    for g in g_items:
+        for k, p in enumerate(left):
+            if same(g, p):
+                del left[k]
+                break
+        else:
+            return False
+    return True
+
+
+def _squash(s: str) -> str:
+    """Whitespace runs as one space (not removed: `2 3` is not `23`)."""
+    return " ".join(s.split())
+
+
+def _count_cut(reason: str | None, side: str = "") -> None:
+    if reason is not None:
+        LIMITS_HIT[side + reason] += 1
+
+
+def math_equal(pred: str, gold: str) -> bool:
+    """`pred` answers `gold` (both LaTeX answer texts, no \\boxed), by the rules in the module
+    docstring. Over-limit inputs are False and counted in LIMITS_HIT."""
+    if not pred.strip():
+        return False
+    if _squash(pred) == _squash(gold):
+        return True
+    g = _parse_answer(gold)
+    if g.cut:
+        _count_cut(g.cut, "gold_")
+        return False
+    p = _parse_answer(pred)
+    if p.cut:
+        _count_cut(p.cut)
+        return False
+    if g.expr is None or p.expr is None:
+        return (g.expr is None and p.expr is None and g.percent == p.percent
+                and bool(g.text) and _squash(g.text) == _squash(p.text))
+    decimal = g.decimal or p.decimal
+    readings = [lambda: (g.expr, p.expr)]
+    if g.percent != p.percent:  # the sign on one side only: as written, or divided by 100
+        readings.append(lambda: (g.expr / 100, p.expr) if g.percent else (g.expr, p.expr / 100))
+    for reading in readings:
+        try:
+            if _equivalent(*reading(), decimal):
+                return True
+        except Exception:  # e.g. a tuple divided by 100
+            continue
+    return False
 
 
 def _gold_answer(meta: Mapping) -> str:
@@ -138,13 +630,23 @@ def _gold_answer(meta: Mapping) -> str:
     return str(answer)
 
 
+def _completion_ok(completion: str) -> bool:
+    if len(completion) > MAX_COMPLETION_CHARS:
+        LIMITS_HIT["completion_chars"] += 1
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- rewards
 
 
 @_never_raises
 def math_boxed(completion: str, meta: Mapping) -> float:
-    boxed = last_boxed(completion)
-    return float(boxed is not None and same_answer(boxed, _gold_answer(meta)))
+    gold = _gold_answer(meta)
+    if not _completion_ok(completion):
+        return 0.0
+    box = final_box(completion)
+    return float(box is not None and math_equal(box, gold))
 
 
 @_never_raises
@@ -250,51 +752,122 @@ def grounding(completion: str, meta: Mapping) -> float:
 
 
 _LOOSE_NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
+_COUNT_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_BARE_COUNT = re.compile(r"\d{1,3}(?:,\d{3})+|\d+(?:\.0+)?")
 
 
-def _as_integer(value: Fraction | None) -> int | None:
-    return int(value) if value is not None and value.denominator == 1 else None
+def _unwrap(text: str) -> str:
+    """`$\\text{ B }$.` -> `B`: dollars, \\text-like wrappers, bold markers and a final stop dropped."""
+    s = text.strip().replace("$", "").replace("**", "")
+    for _ in range(3):  # nested wrappers; bounded
+        s = _TEXT_WRAPPER.sub(r"\1", s)
+    return s.strip().rstrip(".").strip()
+
+
+def count_value(text: str, math: bool = True) -> int | None:
+    """The integer a count answer states (`3`, `3.`, `3.0`, `1,200`, `three`; with `math` also
+    `7 apples`, `\\frac{6}{2}`), else None (`3.5`, `7 or 8`, words)."""
+    s = _unwrap(text)
+    if s.casefold() in _COUNT_WORDS:
+        return _COUNT_WORDS[s.casefold()]
+    if _BARE_COUNT.fullmatch(s):
+        return int(s.replace(",", "").split(".")[0])
+    if not math or not re.search(r"\d", s):
+        return None
+    parsed = _parse_answer(s)
+    if parsed.cut:
+        _count_cut(parsed.cut)
+        return None
+    value = parsed.expr
+    if parsed.percent or not _is_number(value):
+        return None
+    value = value.doit()
+    return int(value) if isinstance(value, sympy.Integer) else None
 
 
 @_never_raises
 def counting(completion: str, meta: Mapping) -> float:
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        pred = to_number(normalize_answer(boxed))
+    gold = count_value(_gold_answer(meta))
+    if gold is None or not _completion_ok(completion):
+        return 0.0
+    box = final_box(completion)
+    if box is not None:
+        pred = count_value(box)
+    elif "\\boxed{" in completion:
+        return 0.0  # a box that is never closed: no fallback to the numbers around it
     else:
-        numbers = _LOOSE_NUMBER.findall(answer_part(completion))
-        pred = to_number(numbers[-1].replace(",", "")) if numbers else None
-    pred = _as_integer(pred)
-    gold = _as_integer(to_number(normalize_answer(_gold_answer(meta))))
+        answer = answer_part(completion)
+        pred = count_value(answer, math=False) if len(answer) <= MAX_ANSWER_CHARS else None
+        if pred is None:
+            numbers = _LOOSE_NUMBER.findall(answer)
+            value = Fraction(numbers[-1].replace(",", "")) if numbers else None
+            pred = int(value) if value is not None and value.denominator == 1 else None
     return float(pred is not None and pred == gold)
 
 
-_LETTER = re.compile(r"\(?([A-E])(?:[).:]|$)")
+_CHOICE = re.compile(r"\(([A-E])\)(?:[.:]|\s.*)?|([A-E])(?:[.:)](?:\s.*)?)?", re.DOTALL)
 _ANSWER_IS = re.compile(r"(?i:answer)\s*(?:(?i:is)|:)\s*:?\s*[*(]*\s*([A-E])\b")
 
 
+def _letter(text: str, any_case: bool) -> str | None:
+    """The letter when the text is a choice: `B`, `(B)`, `B)`, `B.`, `B. 42`, `(B) 42`, wrapped in
+    `\\text{}`, `$`, `**` or not."""
+    s = _unwrap(text) if len(text) <= MAX_ANSWER_CHARS else text.strip()
+    if not s:
+        return None
+    s = s[:1].upper() + s[1:] if any_case else s
+    if any_case and len(s) > 2 and s[0] == "(":
+        s = "(" + s[1].upper() + s[2:]
+    m = _CHOICE.fullmatch(s)
+    return (m[1] or m[2]) if m else None
+
+
 def choice_letter(completion: str) -> str | None:
-    """The chosen letter: from the last box (`B`, `(B)`, `\\text{B}`, `B. 42`), else the last
-    "answer is B" / "Answer: B"."""
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        m = _LETTER.match(normalize_answer(boxed).upper())
-        return m[1] if m else None
-    found = _ANSWER_IS.findall(answer_part(completion))
+    """The chosen letter: from the last box (`B`, `(B)`, `\\text{B}`, `B. 42`, any case), else the
+    whole answer when it is a choice (`B`, `(B)`, `B)`, `B. 42`), else the last "answer is B" /
+    "Answer: B"."""
+    box = final_box(completion)
+    if box is not None:
+        return _letter(box, any_case=True)
+    answer = answer_part(completion)
+    letter = _letter(answer, any_case=False)
+    if letter:
+        return letter
+    found = _ANSWER_IS.findall(answer)
     return found[-1] if found else None
 
 
 @_never_raises
 def multiple_choice(completion: str, meta: Mapping) -> float:
-    gold = _gold_answer(meta).strip().strip("()").upper()
-    return float(gold in "ABCDE" and len(gold) == 1 and choice_letter(completion) == gold)
+    gold = _letter(_gold_answer(meta), any_case=True)
+    return float(gold is not None and choice_letter(completion) == gold)
+
+
+def _plain(text: str) -> str:
+    return " ".join(_unwrap(text).split()).casefold()
+
+
+def _is_math(text: str) -> bool:
+    """Math rather than words: a digit or a command, and no run of two letters outside commands
+    (so `golden retriever` and `7 apples` compare as text, `\\frac{1}{2}` and `x+1` as math)."""
+    bare = re.sub(r"\\[a-zA-Z]+", "", text)
+    return bool(re.search(r"\d|\\[a-zA-Z]", text)) and not re.search(r"[a-zA-Z]{2}", bare)
 
 
 @_never_raises
 def exact_match(completion: str, meta: Mapping) -> float:
-    boxed = last_boxed(completion)
-    pred = boxed if boxed is not None else answer_part(completion)
-    return float(same_answer(pred.casefold(), _gold_answer(meta).casefold()))
+    gold = _gold_answer(meta)
+    if not _completion_ok(completion):
+        return 0.0
+    box = final_box(completion)
+    pred = box if box is not None else answer_part(completion)
+    if _plain(pred) and _plain(pred) == _plain(gold):
+        return 1.0
+    both_math = len(pred) <= MAX_ANSWER_CHARS and _is_math(pred) and _is_math(gold)
+    return float(both_math and math_equal(pred.strip(), gold))
 
 
 REWARDS: dict[str, Reward] = {
