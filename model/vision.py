@@ -3,6 +3,8 @@ and the merger that turns each 2x2 patch group into one decoder token (Qwen2.5-V
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,9 +106,12 @@ def window_index(grid_thw: torch.Tensor, merge: int, window_patches: int):
     return torch.cat(order).to(grid_thw.device), lengths
 
 
-def _segments_spec(lengths, device) -> MaskSpec:
-    cu = torch.tensor([0, *lengths], device=device).cumsum(0)
-    return MaskSpec.packed(cu, 1, int(cu[-1]), causal=False)
+def _segments_spec(lengths: list[int], device) -> MaskSpec:
+    """Non-causal attention within each segment (a window, or a frame for the full-attention blocks):
+    the varlen segments of the flash and flex kernels, and a dense mask only for sdpa / eager. The
+    lengths are host ints, so neither the total nor the longest segment costs a device sync."""
+    cu = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
+    return MaskSpec.packed(cu, 1, sum(lengths), causal=False, max_seqlen=max(lengths))
 
 
 class VisionModel(nn.Module):

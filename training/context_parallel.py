@@ -11,15 +11,21 @@ ZeRO-3 have gathered the tower's weights); the merged features are all-gathered 
 flow back to that rank) and each rank keeps the rows of its own image tokens.
 
 Attention (`apply_context_parallel` swaps `attention_fn` on every decoder attention module, trunk
-and MTP; the vision tower is untouched):
+and MTP; the vision tower is untouched). Both methods run every kernel (`model.attn_impl` sdpa,
+eager, flex, flash); the masks and segments come from this rank's `ContextParallelMaskSpec`, whose
+query indices are global positions, so what flash and flex receive is computed by
+`model.attention` from indices, the same code on CPU and GPU:
 - allgather (Llama 3's method for document masks). Global layers all-gather K and V (backward
   reduce-scatters their gradients to the owners) and attend this rank's queries to every key.
   Sliding-window layers need only the window - 1 tokens before each chunk: those are sent point to
   point by the rank(s) holding the preceding chunk(s), and each chunk attends to [halo, chunk].
+  With flash, each chunk's share of a document is one varlen segment against that document's keys
+  up to the chunk's end (sliding layers: from the window's start), all segments in one call; with
+  flex, the block mask and mask_mod read the chunks' global positions.
 - ulysses (DeepSpeed's DistributedAttention): an all-to-all turns [sequence / N, all heads] into
-  [whole sequence, heads / N], attention runs over the whole sequence in global order (so every
-  kernel and mask works, flash included), and a second all-to-all turns it back. The query heads must
-  divide by N; KV heads are replicated up to lcm(kv heads, N) when they do not divide.
+  [whole sequence, heads / N], attention runs over the whole sequence in global order (plain packed
+  attention: one flash segment per document), and a second all-to-all turns it back. The query heads
+  must divide by N; KV heads are replicated up to lcm(kv heads, N) when they do not divide.
 
 The loss: `cp_loss` sums loss sums and token counts over the cp group; summing each rank's gradients
 over the cp group then gives the gradient of the unsharded loss.
@@ -408,9 +414,6 @@ def _check_spec(spec):
 def _allgather_attention_fn(group):
     def cp_attention(q, k, v, spec, *, scale, window=None, impl="sdpa"):
         _check_spec(spec)
-        if impl == "flash":
-            raise ValueError("parallel.cp_impl=allgather runs sdpa / flex / eager kernels; use model.attn_impl=sdpa "
-                             "or flex, or parallel.cp_impl=ulysses for flash")
         if window is not None and window < spec.k_idx.shape[1]:
             return sliding_window_attention(q, k, v, spec, group, scale=scale, window=window, impl=impl)
         return gathered_attention(q, k, v, spec, group, scale=scale, window=window, impl=impl)
