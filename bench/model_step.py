@@ -1,7 +1,8 @@
 """Forward + backward of our model vs transformers' Exaone4_5_ForConditionalGeneration on the same
 config, weights and input (text + one image), as a ratio measured in one run.
 
-    python bench/model_step.py                      # small preset, CPU, fp32
+    python bench/model_step.py                      # small preset, CPU, fp32, our attn_impl=flash
+    python bench/model_step.py --dtype bf16 --attn-impl sdpa
     python bench/model_step.py --preset tiny --seq 1024 --steps 5
     python bench/model_step.py --device cuda --dtype bf16 --fp8 torchao   # on a GPU
 
@@ -39,14 +40,14 @@ def make_inputs(cfg, seq: int, seed: int = 0):
     return ids, pixels, grid
 
 
-def worker(impl: str, preset_name: str, seq: int, steps: int, device: str, dtype: str, fp8: str) -> dict:
+def worker(impl: str, preset_name: str, seq: int, steps: int, device: str, dtype: str, fp8: str, attn_impl: str) -> dict:
     from model.config import preset
     from model.fp8 import apply_fp8
     from model.hf import config_to_hf
     from model.vlm import build_model
 
     torch.manual_seed(0)
-    cfg = preset(preset_name)
+    cfg = preset(preset_name, attn_impl=attn_impl)
     cfg.mtp_loss_weight = 0.0  # transformers has no MTP: compare the same network
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     ids, pixels, grid = make_inputs(cfg, seq)
@@ -82,11 +83,12 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--attn-impl", default="flash", help="our model.attn_impl (transformers runs sdpa)")
     p.add_argument("--fp8", default="none")
     p.add_argument("--worker", default=None)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.fp8)))
+        print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.fp8, a.attn_impl)))
         return
     rows = {}
     for impl in ("ours", "transformers"):
@@ -96,7 +98,7 @@ def main():
             sys.exit(out.stderr[-3000:])
         rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     o, t = rows["ours"], rows["transformers"]
-    print(f"| {a.preset} | {a.device} {a.dtype} fp8={a.fp8} | seq {a.seq} | ours {o['tokens_per_s']:.0f} tok/s, "
+    print(f"| {a.preset} | {a.device} {a.dtype} fp8={a.fp8} attn={a.attn_impl} | seq {a.seq} | ours {o['tokens_per_s']:.0f} tok/s, "
           f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
           f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} |")
 

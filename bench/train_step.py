@@ -2,7 +2,8 @@
 Exaone4_5_ForConditionalGeneration in a plain loop on the same documents padded into a batch,
 as a ratio measured in one run. Throughput counts real (non-padding) tokens only.
 
-    python bench/train_step.py                     # small preset, demo corpus, CPU fp32
+    python bench/train_step.py                     # small preset, demo corpus, CPU fp32, our attn_impl=flash
+    python bench/train_step.py --attn-impl sdpa    # our dense-mask kernel
     python bench/train_step.py --preset tiny --seq 2048 --steps 4
     python bench/train_step.py --device cuda --dtype bf16 --preset small   # on a GPU
 
@@ -65,13 +66,13 @@ def padded(docs, pad: int = 0):
     return ids, labels, mask, (torch.cat(pix) if pix else None), (torch.tensor(grid) if grid else None)
 
 
-def worker(impl, preset_name, seq, steps, device, dtype):
+def worker(impl, preset_name, seq, steps, device, dtype, attn_impl):
     from model.config import preset
     from model.hf import config_to_hf
     from model.vlm import build_model
 
     torch.manual_seed(0)
-    cfg = preset(preset_name)
+    cfg = preset(preset_name, attn_impl=attn_impl)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     batches = packed_batches(seq, steps + 1)
     real = [int(b.num_tokens) for b in batches]
@@ -117,10 +118,11 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--attn-impl", default="flash", help="our model.attn_impl (transformers runs sdpa)")
     p.add_argument("--worker", default=None)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype)))
+        print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.attn_impl)))
         return
     rows = {}
     for impl in ("ours", "transformers"):
@@ -130,7 +132,7 @@ def main():
             sys.exit(out.stderr[-3000:])
         rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     o, t = rows["ours"], rows["transformers"]
-    print(f"| {a.preset} | {a.device} {a.dtype} | packed {a.seq} vs padded | ours {o['tokens_per_s']:.0f} tok/s, "
+    print(f"| {a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | packed {a.seq} vs padded | ours {o['tokens_per_s']:.0f} tok/s, "
           f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
           f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} |")
 

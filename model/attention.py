@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 FLEX_BLOCK = 128  # flex_attention's default block size; the block tables are built for it
-CPU_BLOCK = 256  # queries per SDPA call of the CPU varlen kernel where a window or offset needs a mask
+CPU_BLOCK = 256  # queries per kernel call of the CPU varlen kernel where a window or offset needs a mask
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -339,71 +339,105 @@ def cpu_varlen_attention(
     causal: bool,
     window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """flash-attn's varlen semantics from SDPA calls, segment by segment: query j of a segment of Lq
-    queries and Lk keys sits at key position p = j + Lk - Lq (bottom-right alignment) and sees keys
-    [p - left, p + right] (causal: right = 0; -1: unbounded); a query that sees no key gives 0.
-    Each call covers one segment's queries against only the keys they can see: a whole segment
-    without a mask when nothing limits it, one is_causal call for the queries of a square causal
-    segment the window does not reach, blocks of CPU_BLOCK queries with a small mask for the rest
-    (the window, bottom-right offsets). Autograd differentiates it (SDPA's CPU backward).
-    The max_seqlen arguments are unused: they are there for the interface."""
+    """flash-attn's varlen semantics from SDPA's fused CPU kernel, segment by segment: query j of a
+    segment of Lq queries and Lk keys sits at key position p = j + Lk - Lq (bottom-right alignment)
+    and sees keys [p - left, p + right] (causal: right = 0; -1: unbounded); a query that sees no key
+    gives 0. Each kernel call covers queries of one segment against only the keys they can see
+    (`_tiles`), so the work and memory follow the documents and windows, never [L, L]. The
+    max_seqlen arguments are unused: they are there for the interface."""
     left, right = window_size
     if causal:
         right = 0
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, total, D]
-    gqa = q.shape[1] != k.shape[1]
-    pieces = []
+    tiles = _tiles(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), left, right)
+    return _CPUVarlen.apply(q, k, v, tiles, softmax_scale, left, right)
+
+
+def _tiles(cq: list[int], ck: list[int], left: int, right: int) -> list[tuple]:
+    """Kernel calls (a, b, lo, hi, is_causal, shift): queries [a, b) against keys [lo, hi) of the flat
+    tensors; `shift` is the key position (from lo) of query a when a mask is needed, else None.
+    A segment nothing limits is one call without a mask; the queries of a square causal segment that
+    the window does not reach are one is_causal call; the rest go in blocks of CPU_BLOCK queries
+    (at most the window) against the keys their window covers, with a small mask."""
+    tiles = []
     for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
-        if qe > qs:
-            pieces += _segment(q4[:, :, qs:qe], k4[:, :, ks:ke], v4[:, :, ks:ke], left, right, softmax_scale, gqa)
-    if not pieces:
-        return q.new_zeros(0, q.shape[1], v.shape[2])
-    return torch.cat(pieces, dim=2)[0].transpose(0, 1)
-
-
-def _segment(q, k, v, left: int, right: int, scale: float, gqa: bool) -> list[torch.Tensor]:
-    """One segment (q [1, H, Lq, D], k/v [1, Hkv, Lk, D]) -> its output in pieces along the queries."""
-    lq, lk = q.shape[2], k.shape[2]
-    off = lk - lq
-
-    def sdpa(a, b, lo, hi, mask=None, is_causal=False):
-        return F.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask, is_causal=is_causal, scale=scale,
-            enable_gqa=gqa,
-        )
-
-    def zeros(n):
-        return q.new_zeros(1, q.shape[1], n, v.shape[3])
-
-    # Queries [first, last) see at least one key.
-    first = max(0, -off - right) if right >= 0 else 0
-    last = min(lq, lk - off + left) if left >= 0 else lq
-    if first >= last:
-        return [zeros(lq)]
-    pieces = [zeros(first)] if first else []
-    if right < 0 and (left < 0 or left >= lk):
-        pieces.append(sdpa(first, last, 0, lk))
-        start = last
-    elif right == 0 and off == 0 and first == 0:
-        # Queries the window does not reach (all, without a window) see keys [0, j]: SDPA's own causal mask.
-        start = last if left < 0 else min(last, left + 1)
-        pieces.append(sdpa(0, start, 0, start, is_causal=True))
-    else:
+        lq, lk = qe - qs, ke - ks
+        off = lk - lq
+        first = max(0, -off - right) if right >= 0 else 0  # queries [first, last) see some key
+        last = min(lq, lk - off + left) if left >= 0 else lq
+        if first >= last:
+            continue
         start = first
-    block = CPU_BLOCK if left < 0 else min(CPU_BLOCK, max(64, left))
-    for a in range(start, last, block):
-        b = min(a + block, last)
-        lo = 0 if left < 0 else max(0, a + off - left)
-        hi = lk if right < 0 else min(lk, b + off + right)
-        pos = torch.arange(a + off, b + off, device=q.device)[:, None]
-        key = torch.arange(lo, hi, device=q.device)[None, :]
-        mask = torch.ones(b - a, hi - lo, dtype=torch.bool, device=q.device)
-        if right >= 0:
-            mask &= key <= pos + right
-        if left >= 0:
-            mask &= key >= pos - left
-        pieces.append(sdpa(a, b, lo, hi, mask))
-    if last < lq:
-        pieces.append(zeros(lq - last))
-    return pieces
+        if right < 0 and (left < 0 or left >= lk):
+            tiles.append((qs + first, qs + last, ks, ke, False, None))
+            start = last
+        elif right == 0 and off == 0:
+            start = last if left < 0 else min(last, left + 1)
+            tiles.append((qs, qs + start, ks, ks + start, True, None))
+        block = CPU_BLOCK if left < 0 else min(CPU_BLOCK, max(64, left))
+        for a in range(start, last, block):
+            b = min(a + block, last)
+            lo = 0 if left < 0 else max(0, a + off - left)
+            hi = lk if right < 0 else min(lk, b + off + right)
+            tiles.append((qs + a, qs + b, ks + lo, ks + hi, False, a + off - lo))
+    return tiles
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_mask(rows: int, cols: int, shift: int, left: int, right: int, dtype, device) -> torch.Tensor:
+    """Additive mask of a block whose query r sits at key position r + shift. Inner blocks of a
+    segment share one geometry, so a handful of masks serve every layer's forward and backward."""
+    pos = torch.arange(rows, device=device)[:, None] + shift
+    key = torch.arange(cols, device=device)[None, :]
+    ok = torch.ones(rows, cols, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= key <= pos + right
+    if left >= 0:
+        ok &= key >= pos - left
+    return torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's log-sum-exp dtype, also used to add up dk / dv over overlapping tiles."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class _CPUVarlen(torch.autograd.Function):
+    """SDPA's fused CPU flash kernel and its backward, called per tile. Forward keeps each tile's
+    log-sum-exp; backward calls the kernel's backward with the same tiles, writing dq per tile and
+    adding dk / dv of overlapping key ranges into one fp32 buffer. Differentiating slices of q, k, v
+    through autograd instead would materialize a full-size gradient per tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tiles, scale, left, right):
+        q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, total, D] views
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        lse = q.new_full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=_accumulation(q.dtype))
+        out4 = out.transpose(0, 1)[None]
+        for a, b, lo, hi, is_causal, shift in tiles:
+            mask = None if shift is None else _tile_mask(b - a, hi - lo, shift, left, right, q.dtype, q.device)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q4[:, :, a:b], k4[:, :, lo:hi], v4[:, :, lo:hi], 0.0, is_causal, attn_mask=mask, scale=scale
+            )
+            out4[:, :, a:b] = o
+            lse[:, :, a:b] = l
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tiles, ctx.scale, ctx.left, ctx.right = tiles, scale, left, right
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = _accumulation(k.dtype)
+        dq = torch.zeros_like(q)
+        dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
+        q4, k4, v4, o4, do4, dq4, dk4, dv4 = (t.transpose(0, 1)[None] for t in (q, k, v, out, dout, dq, dk, dv))
+        for a, b, lo, hi, is_causal, shift in ctx.tiles:
+            mask = None if shift is None else _tile_mask(b - a, hi - lo, shift, ctx.left, ctx.right, q.dtype, q.device)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do4[:, :, a:b], q4[:, :, a:b], k4[:, :, lo:hi], v4[:, :, lo:hi], o4[:, :, a:b], lse[:, :, a:b],
+                0.0, is_causal, attn_mask=mask, scale=ctx.scale,
+            )
+            dq4[:, :, a:b] = gq
+            dk4[:, :, lo:hi] += gk
+            dv4[:, :, lo:hi] += gv
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
