@@ -10,7 +10,7 @@ loop that runs the full model over the prompt and everything generated so far fo
 (logits of the last position only). Both must produce the same tokens. Prints a markdown table for
 bench/RESULTS.md and exits non-zero if the cache is under 10x faster at any batch size.
 
---fsdp: the model sharded with FSDP2 over the ranks; tokens/s of `training.generation_eval.generation_mode`
+--fsdp: the model sharded with FSDP2 over the ranks; tokens/s of `training.engine.Engine.whole_model`
 (all-gather every unit once, generate on a hook-free twin), of generating through the FSDP
 module after unsharding it with resharding after forward turned off (FSDP's hooks still run per
 layer and token), and of the FSDP module with only its root unit unsharded (every layer all-gathers
@@ -97,8 +97,9 @@ def fsdp_modes(args) -> int:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from training.generation_eval import generation_mode
-    from training.distributed import apply_fsdp2, init_distributed, shutdown
+    from training.distributed import init_distributed, shutdown
+    from training.engine import Engine
+    from training.parallelize import apply_fsdp2
 
     d = init_distributed()
     torch.manual_seed(0)
@@ -124,7 +125,7 @@ def fsdp_modes(args) -> int:
         return generate(model, prompts, max_new_tokens=n).tokens
 
     def twin():
-        with generation_mode(sharded) as model:
+        with Engine(None, d, sharded, None).whole_model() as model:
             return run(model)
 
     def unsharded_hooks():
@@ -148,7 +149,7 @@ def fsdp_modes(args) -> int:
 
     results = {}
     for name, fn in [("plain model, one process (reference)", lambda: run(plain)),
-                     ("generation_mode: gather once, hook-free twin (used)", twin),
+                     ("whole_model: gather once, hook-free twin (used)", twin),
                      ("unshard, reshard_after_forward=False, FSDP hooks", unsharded_hooks),
                      ("root unsharded, each layer all-gathers per token", per_token_gathers)]:
         seconds, tokens = timed(fn, args.repeat)

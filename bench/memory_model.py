@@ -98,7 +98,7 @@ def measure(preset_name: str, seq_len: int, ac: bool) -> dict:
 
     from model.config import preset
     from model.vlm import build_model
-    from training.distributed import apply_activation_checkpointing
+    from training.parallelize import apply_activation_checkpointing
     from training.optim import build_optimizer
 
     torch.set_num_threads(1)

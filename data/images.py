@@ -45,6 +45,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+@dataclass
+class PatchGeometry:
+    """The vision tower's patch layout (the model's vision config); defaults are EXAONE 4.5's."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     """The numbers that decide patches; defaults are EXAONE 4.5's (transformers' Qwen2-VL defaults)."""

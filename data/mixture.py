@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, Dict, Iterator, Optional
 import numpy as np
 import torch
 
-from .images import ImageError, ImageSettings
+from .images import ImageError, ImageSettings, PatchGeometry
 from .packing import Batch, Doc, Packer
 from .schema import TASK_INDEX, SchemaError, Sample
 from .shards import RawSample, ShardError, ShardStream, decode_sample, iter_tar, list_shards
@@ -52,6 +53,10 @@ DEMO_PRETRAIN_MIXTURE = {  # by samples; text documents are ~5x longer, so text 
     "counting": 0.10, "text": 0.04, "math": 0.12, "stem": 0.08, "chat": 0.12,
 }
 STATE_VERSION = 1
+# Why a sample is skipped (counted in the loaders' `skipped`); a fixed list, so that every rank can
+# sum the counts in one collective whichever reasons it met. GRPO adds prompt_too_long.
+SKIP_REASONS = ("missing_json", "bad_json", "bad_schema", "missing_image", "bad_image", "bad_sample", "too_long",
+                "truncated_shard", "unreadable_shard", "prompt_too_long")
 
 
 @dataclass
@@ -65,7 +70,7 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256  # samples per shuffled block of a source
     mixture: Dict[str, float] = field(default_factory=lambda: dict(DEMO_PRETRAIN_MIXTURE))  # source -> weight
-    stages: Dict[str, Dict[str, float]] = field(default_factory=dict)  # stage -> mixture; launchers copy stages[<stage>] into mixture
+    stages: Dict[str, Any] = field(default_factory=dict)  # stage -> mixture ({source: weight}); a run copies stages[<stage>] into mixture
     sources: Dict[str, str] = field(default_factory=dict)  # source -> shard dir under root ("{split}" is replaced); default "{split}/<source>"
     min_pixels: int = 28 * 28
     max_pixels: int = 112 * 112
@@ -76,24 +81,15 @@ class DataConfig:
     demo_scale: float = 1.0  # size of that first-use build (1.0: ~38k training samples, ~45 s)
     enable_thinking: bool = True  # render reasoning where samples have it
     prefetch_factor: int = 4
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_token_id: int = 67
-    video_token_id: int = 68
-    vision_start_token_id: int = 73
-    vision_end_token_id: int = 74
-    end_of_turn_token_id: int = 53
-    pad_token_id: int = 0
+    # Facts of the model, not knobs of the data: a run sets them from its model config
+    # (training.config.load_config); the defaults are EXAONE 4.5's, for the data commands on their own.
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    patch: PatchGeometry = field(default_factory=PatchGeometry)
 
     @property
     def image_settings(self) -> ImageSettings:
-        return ImageSettings(self.min_pixels, self.max_pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
-
-    @property
-    def special_tokens(self) -> SpecialTokens:
-        return SpecialTokens(self.image_token_id, self.video_token_id, self.vision_start_token_id,
-                             self.vision_end_token_id, self.end_of_turn_token_id, self.pad_token_id)
+        return ImageSettings(self.min_pixels, self.max_pixels, self.patch.patch_size, self.patch.temporal_patch_size,
+                             self.patch.merge_size)
 
 
 def to_data_config(cfg: Any) -> DataConfig:
@@ -114,6 +110,9 @@ def to_data_config(cfg: Any) -> DataConfig:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(known)}")
+    for key, kind in (("special_tokens", SpecialTokens), ("patch", PatchGeometry)):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = kind(**cfg[key])
     return DataConfig(**cfg)
 
 
@@ -240,7 +239,7 @@ class SlotStream:
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*spec.seed, slot, 0x6D6978])))
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
-        pad = cfg.pad_token_id
+        pad = cfg.special_tokens.pad_token_id
         self.packer = Packer(spec.seq_len, spec.batch_size, cfg.lookahead, pad, skip=self._skip)
         self.packer.exhausted = state.get("packer_exhausted", False)
         for entry in state.get("pending", []):
@@ -429,6 +428,14 @@ class _Stateful:
         self._carried = Counter(sd.get("carried_skips", {}))
 
 
+def _leave_sigterm_to_the_rank(worker_id: int) -> None:
+    """A scheduler's SIGTERM (SLURM's scancel, Kubernetes) reaches every process of the job, the
+    data-loader workers too: they ignore it, so their rank can finish its step, agree on stopping
+    with the other ranks and checkpoint (training/trainer.py), then end them itself. A worker killed
+    by the signal would instead make the rank raise "DataLoader worker ... is killed by signal"."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader(_Stateful):
     """Iterable of packed Batches; iterating again continues where the last batch handed out left off."""
 
@@ -439,7 +446,7 @@ class Loader(_Stateful):
         else:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.spec.cfg.prefetch_factor,
-                pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=_leave_sigterm_to_the_rank)
             iterator = iter(loader)
         try:
             for slot, batch, state in iterator:

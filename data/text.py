@@ -44,7 +44,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLE_TAGS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
-@dataclass(frozen=True)
+@dataclass
 class SpecialTokens:
     """Token ids the data path writes directly; defaults are EXAONE 4.5's released ids."""
 
@@ -85,7 +85,7 @@ def load_tokenizer(path: Optional[str] = None):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def check_special_tokens(tokenizer, special: SpecialTokens = SpecialTokens()) -> None:
+def check_special_tokens(tokenizer, special: SpecialTokens) -> None:
     """Fail early when the tokenizer's ids for the template's tokens are not the configured ones."""
     expected = {
         "[|endofturn|]": special.end_of_turn_token_id,
@@ -97,8 +97,8 @@ def check_special_tokens(tokenizer, special: SpecialTokens = SpecialTokens()) ->
         got = to_id(token)
         if got != want:
             raise ValueError(
-                f"tokenizer maps {token!r} to id {got}, but the data config expects {want}; "
-                "set data.special_tokens to the tokenizer's ids"
+                f"tokenizer maps {token!r} to id {got}, but the model config expects {want}: the tokenizer "
+                "(data.tokenizer) does not belong to this model"
             )
     for token in (SYSTEM, USER, ASSISTANT, THINK_OPEN, THINK_CLOSE):
         ids = _encode(tokenizer, token)

@@ -48,7 +48,7 @@ def reply(model, tokenizer, data_cfg, text: str, image_path, args) -> str:
     out = generate(model, [prompt.input_ids], pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
                    max_new_tokens=int(args["max_new_tokens"]), temperature=float(args["temperature"]),
                    top_p=float(args["top_p"]), presence_penalty=float(args["presence_penalty"]),
-                   stop_ids=[data_cfg.end_of_turn_token_id], generator=torch.Generator().manual_seed(0))
+                   stop_ids=[data_cfg.special_tokens.end_of_turn_token_id], generator=torch.Generator().manual_seed(0))
     head = "<think>\n" if args["thinking"] == "true" else ""
     return head + tokenizer.decode(out.tokens[0], skip_special_tokens=False)
 

@@ -1,5 +1,5 @@
-"""What every launcher does the same way: validate the composed config, pick the stage's mixture,
-build the data loader, exit cleanly."""
+"""What every launcher does the same way: read the command line (DeepSpeed's launcher arguments, the
+scale overlay), validate the composed config, build the data loader, exit cleanly."""
 
 from __future__ import annotations
 
@@ -13,24 +13,40 @@ if str(ROOT) not in sys.path:  # `python launch/x.py` from a checkout without `p
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from training.config import load_config  # noqa: E402
+from training.config import register_schema  # noqa: E402
 
 RECIPES = str(ROOT / "recipes")
+register_schema()
 
 
-def resolve_config(cfg: DictConfig) -> DictConfig:
-    """Schema-checked config; `data.stages.<stage>` (a mixture per curriculum stage), when the data
-    config has one for this stage, becomes `data.mixture`."""
-    cfg = load_config(cfg)
-    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else {}
-    stages = data.pop("stages", None) or {}
-    if cfg.stage in stages:
-        data["mixture"] = stages[cfg.stage]
-    from data.mixture import to_data_config
+def scale_overrides(overrides: list[str]) -> list[str]:
+    """With `+scale=NAME` and `+recipe=R` on the command line: the overrides with the overlay moved
+    after the recipe, plus one that merges `scale.recipes.R` of recipes/scale/NAME.yaml (R's
+    miniature schedule) after both, and before the command line's own values, which Hydra applies
+    last.
 
-    to_data_config(data)  # unknown data keys fail here, at start-up, naming the key
-    cfg.data = data
-    return cfg
+    Hydra's defaults lists cannot pick a file by another group's choice from a non-primary config, so
+    the values are registered in Hydra's ConfigStore (group `scale_recipe`) and appended as a group."""
+    def is_group(arg: str, group: str) -> bool:
+        return arg.split("=", 1)[0].lstrip("+") == group
+
+    scale = next((o.split("=", 1)[1] for o in overrides if is_group(o, "scale")), None)
+    recipe = next((o.split("=", 1)[1] for o in overrides if is_group(o, "recipe")), None)
+    # Hydra merges appended groups in command-line order: the overlay goes after the recipe whatever
+    # order they were typed in
+    overrides = [o for o in overrides if not is_group(o, "scale")] + [o for o in overrides if is_group(o, "scale")]
+    if scale is None or recipe is None:
+        return list(overrides)
+    path = Path(RECIPES) / "scale" / f"{scale}.yaml"
+    if not path.exists():
+        return list(overrides)  # Hydra reports the unknown scale itself
+    values = OmegaConf.select(OmegaConf.load(path), f"scale.recipes.{recipe}")
+    if values is None:
+        return list(overrides)
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="scale_recipe", name=f"{scale}_{recipe}", node=values, package="_global_")
+    return list(overrides) + [f"+scale_recipe={scale}_{recipe}"]
 
 
 def loader_factory(split: str = "train"):
@@ -43,23 +59,21 @@ def loader_factory(split: str = "train"):
     return build
 
 
-def deepspeed_launcher_args(argv: list[str], environ=os.environ) -> list[str]:
-    """Hydra overrides from argv: DeepSpeed's launcher adds `--local_rank=N` (Hydra would reject it;
-    the rank is in LOCAL_RANK too) and, under that launcher, `parallel.engine=deepspeed` unless the
-    command line names an engine."""
-    out, launched, skip = [], "CROSS_RANK" in environ and "TORCHELASTIC_RUN_ID" not in environ, False
+def launcher_args(argv: list[str]) -> list[str]:
+    """Hydra overrides from argv: without the `--local_rank=N` DeepSpeed's launcher adds (Hydra would
+    reject it; the rank is in LOCAL_RANK too), plus the scale overlay's per-recipe values
+    (`scale_overrides`). The launcher only starts processes: the engine is `parallel.engine`'s."""
+    out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            launched = True
+            continue
         elif arg in ("--local_rank", "--local-rank"):
-            launched, skip = True, True
+            skip = True
         else:
             out.append(arg)
-    if launched and not any(a.lstrip("+~").startswith("parallel.engine=") for a in out):
-        out.append("parallel.engine=deepspeed")
-    return out
+    return scale_overrides(out)
 
 
 def finish_run(cfg: DictConfig, run) -> None:

@@ -1,8 +1,10 @@
 """Multimodal pretraining (stage 1, then stage 2 of the EXAONE 4.5 curriculum).
 
-    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage1 model=tiny data=demo run_dir=out/stage1
-    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage2 model=tiny data=demo run_dir=out/stage2 init_from=out/stage1
-    python launch/pretrain.py +recipe=stage1 dry_run=true        # the 33B layout on the meta device
+    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage1 +scale=mini run_dir=out/stage1
+    torchrun --nproc_per_node 2 launch/pretrain.py +recipe=stage2 +scale=mini run_dir=out/stage2 init_from=out/stage1
+    WORLD_SIZE=128 python launch/pretrain.py +recipe=stage1 dry_run=true     # the 33B layout: memory per GPU
+    torchrun --nnodes 16 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HEAD:29500 \\
+        launch/pretrain.py +recipe=stage1 run_dir=... data.root=... data.tokenizer=... init_from=...
 
 Any key is overridable (train.steps=20, parallel.engine=deepspeed, model.fp8=emulated, ...).
 """
@@ -16,12 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.common import RECIPES, deepspeed_launcher_args, finish_run, loader_factory, resolve_config  # noqa: E402
+from launch.common import RECIPES, finish_run, launcher_args, loader_factory  # noqa: E402
 
 
 @hydra.main(config_path=RECIPES, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    cfg = resolve_config(cfg)
+    from training.config import load_config
+
+    cfg = load_config(cfg)
     if cfg.dry_run:
         from training.memory import dry_run
 
@@ -36,5 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = deepspeed_launcher_args(sys.argv[1:])
+    sys.argv[1:] = launcher_args(sys.argv[1:])
     main()

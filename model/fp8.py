@@ -214,6 +214,7 @@ def _te_linear_class():
         """te.Linear that runs its own forward under FP8 autocast with a stateless recipe."""
 
         fp8_recipe = None
+        is_linear = True  # initialized like nn.Linear (model.vlm.init_module_weights)
         # Current and block scaling keep no amax history, so there is no FP8 state to checkpoint:
         # drop TE's `_extra_state` entry to keep state_dict keys identical to nn.Linear's.
         get_extra_state = nn.Module.get_extra_state

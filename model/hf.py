@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ModelConfig, TextConfig, VisionConfig
 from .vlm import Exaone45, init_module_weights
@@ -72,14 +73,36 @@ def our_key(name: str) -> str:
     return name[len("model.") :] if name.startswith(("model.visual.", "model.language_model.")) else name
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
+def _weight_map(path: Path) -> dict[str, tuple[str, str]]:
+    """Our tensor name -> (the safetensors file holding it, its name there)."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state = {}
-    for f in files:
-        state.update(load_file(path / f))
-    return {our_key(k): v for k, v in state.items()}
+    if index.exists():
+        return {our_key(k): (f, k) for k, f in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {our_key(k): ("model.safetensors", k) for k in f.keys()}
+
+
+def checkpoint_names(path: str | os.PathLike) -> set[str]:
+    """The tensors a Hugging Face directory holds, by our names (nothing is read but the headers)."""
+    return set(_weight_map(Path(path)))
+
+
+def read_tensors(path: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors (our names) of a Hugging Face directory, each read from its file."""
+    path, where = Path(path), _weight_map(Path(path))
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name][0], []).append(name)
+    out = {}
+    for file, group in by_file.items():
+        with safe_open(path / file, framework="pt") as f:
+            for name in group:
+                out[name] = f.get_tensor(where[name][1])
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return read_tensors(path, sorted(checkpoint_names(path)))
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", **overrides) -> Exaone45:

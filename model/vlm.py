@@ -31,6 +31,10 @@ class ModelOutput:
     mtp_loss_sum: Optional[torch.Tensor] = None
     mtp_tokens: int = 0
     token_loss: Optional[torch.Tensor] = None  # [B, L] detached next-token loss (0 where no label)
+    # with `token_logprobs=True`: log p(label) of every label token in order (autograd through it) and,
+    # with `token_entropy=True`, the entropy of the distribution predicting it (RL scores its samples)
+    token_logprobs: Optional[torch.Tensor] = None
+    token_entropy: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
 
 
@@ -45,24 +49,36 @@ def shifted_targets(labels: torch.Tensor, doc: torch.Tensor, k: int) -> torch.Te
     return out.view(B, L)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-    """Sum of cross-entropy over positions with a target, computed chunk by chunk through the LM head
-    `weight`; under autograd each chunk's logits are recomputed in backward rather than kept."""
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          scale: float = 1.0, entropy: bool = False):
+    """Cross-entropy of softmax(scale * logits) at every position with a target, computed chunk by
+    chunk through the LM head `weight`; under autograd each chunk's logits are recomputed in backward
+    rather than kept. Returns (losses [valid positions], valid mask, entropies [valid] or None)."""
     valid = targets.reshape(-1) != -100
     h, t = hidden.reshape(-1, hidden.shape[-1])[valid], targets.reshape(-1)[valid]
-    per_token = []
+    losses, entropies = [], []
     for i in range(0, h.shape[0], chunk):
         hc, tc = h[i : i + chunk], t[i : i + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
-            per_token.append(checkpoint(_ce, hc, weight, tc, use_reentrant=False))
+            loss, ent = checkpoint(_ce, hc, weight, tc, scale, entropy, use_reentrant=False)
         else:
-            per_token.append(_ce(hc, weight, tc))
-    losses = torch.cat(per_token) if per_token else hidden.new_zeros(0)
-    return losses, valid
+            loss, ent = _ce(hc, weight, tc, scale, entropy)
+        losses.append(loss)
+        entropies.append(ent)
+    if not losses:
+        return hidden.new_zeros(0), valid, hidden.new_zeros(0) if entropy else None
+    return torch.cat(losses), valid, torch.cat(entropies) if entropy else None
 
 
-def _ce(h, weight, t):
-    return F.cross_entropy(F.linear(h, weight).float(), t, reduction="none")
+def _ce(h, weight, t, scale: float, entropy: bool):
+    logits = F.linear(h, weight).float()
+    if scale != 1.0:
+        logits = logits * scale
+    loss = F.cross_entropy(logits, t, reduction="none")
+    if not entropy:
+        return loss, None
+    log_p = logits.log_softmax(-1)  # log-space: exact for large logits, unlike lse - E[z]
+    return loss, -(log_p.exp() * log_p).sum(-1)
 
 
 class HeadLoss(nn.Module):
@@ -72,14 +88,16 @@ class HeadLoss(nn.Module):
     chunks are recomputed. Calling the head module per chunk instead would make the sequence of module
     calls depend on each rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
 
-    def forward(self, hidden, weight, targets, chunk: int):
-        return chunked_cross_entropy(hidden, weight, targets, chunk)
+    def forward(self, hidden, weight, targets, chunk: int, scale: float = 1.0, entropy: bool = False):
+        return chunked_cross_entropy(hidden, weight, targets, chunk, scale, entropy)
 
 
 @torch.no_grad()
 def init_module_weights(root: nn.Module, std: float) -> None:
+    """Normal(0, std) weights and zero biases for linears (any class marked `is_linear`, e.g. FP8
+    linears that are not nn.Linear subclasses), convolutions and embeddings; unit norms."""
     for module in root.modules():
-        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)) or getattr(module, "is_linear", False):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
@@ -163,10 +181,16 @@ class Exaone45(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         return_logits: Optional[bool] = None,
         shard: Optional["ShardInputs"] = None,
+        token_logprobs: bool = False,
+        token_entropy: bool = False,
+        temperature: float = 1.0,
     ) -> ModelOutput:
         """input_ids [B, L]; labels unshifted (HF style, -100 = no loss); cu_seqlens (int32, over the
         flat B*L tokens) separates packed documents; position_ids default to restarting per document.
-        Context parallelism passes `shard`: this rank's slice of targets computed before sharding."""
+        Context parallelism passes `shard`: this rank's slice of targets computed before sharding.
+        `token_logprobs` (RL): also return log p(label) of every label token under softmax(logits /
+        temperature), through the same chunked LM-head computation as the loss (the [tokens x vocab]
+        logits never exist whole, and positions without a label never reach the head)."""
         if shard is None:
             shard = prepare_inputs(input_ids, labels, cu_seqlens, position_ids)
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, shard.image_features)
@@ -180,7 +204,10 @@ class Exaone45(nn.Module):
             return out
 
         chunk = self.cfg.loss_chunk_size
-        losses, valid = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk)
+        losses, valid, entropy = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk, 1.0 / temperature,
+                                                token_entropy)
+        if token_logprobs:
+            out.token_logprobs, out.token_entropy = -losses, entropy
         out.lm_loss_sum, out.lm_tokens = losses.sum(), int(valid.sum())
         out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
         token_loss = torch.zeros(valid.shape, device=hidden.device)
@@ -192,7 +219,7 @@ class Exaone45(nn.Module):
             # shardable: image-token targets carry no loss, so nothing is lost.
             next_embeds = self.language_model.embed_tokens(shard.next_input_ids)
             mtp_hidden = self.mtp(hidden, next_embeds, rope, shard.mask_spec)
-            mtp_losses, mtp_valid = self.head_loss(mtp_hidden, self.lm_head.weight, shard.mtp_targets, chunk)
+            mtp_losses, mtp_valid, _ = self.head_loss(mtp_hidden, self.lm_head.weight, shard.mtp_targets, chunk)
             out.mtp_loss_sum, out.mtp_tokens = mtp_losses.sum(), int(mtp_valid.sum())
             out.mtp_loss = out.mtp_loss_sum / max(out.mtp_tokens, 1)
             out.loss = out.lm_loss + self.cfg.mtp_loss_weight * out.mtp_loss

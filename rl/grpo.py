@@ -1,6 +1,7 @@
 """GRPO: group advantages, zero-variance filtering with a capped refill loop, clipped policy loss.
 
-Pure functions with one signature each; every knob is a `GRPOConfig` field set by the recipe.
+Pure functions with one signature each; every knob is a field of `training.config.RLCfg` (the
+recipe's `rl:` node).
 Shapes: n groups of G completions per prompt; N sequences of T tokens; masks are 1 on response
 tokens. One update composes the pieces as
 
@@ -13,55 +14,15 @@ with `old_logp` computed once per rollout batch and reused for all `cfg.update_e
 
 from __future__ import annotations
 
-import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from training.rewards import TASK_REWARDS
+from training.config import CHOICES, RLCfg
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-UNDERFILLED_MODES = ("warn", "fail")
-
-
-@dataclass
-class GRPOConfig:
-    group_size: int = 8  # completions per prompt (G)
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
-    clip_eps_high: float = 0.28  # higher than low ("clip-higher"): rare tokens can still grow
-    loss_agg: str = "token-mean"  # one of LOSS_AGG_MODES
-    adv_eps: float = 1e-6
-    norm_adv_by_std: bool = True  # False: advantages are r - mean (Dr. GRPO)
-    zero_std_tol: float = 1e-6  # groups with reward std <= this carry no signal and are dropped
-    max_gen_batches: int = 4  # cap on rollout batches generated to fill one train batch
-    on_underfilled: str = "warn"  # cap reached with too few groups: "warn" (train on them) | "fail"
-    kl_coef: float = 0.0  # weight of the k3 KL to the frozen reference; 0 skips the reference
-    entropy_coef: float = 0.0
-    update_epochs: int = 1  # optimizer passes over one rollout batch (old log-probs fixed)
-    temperature: float = 1.0  # sampling knobs; on-policy by default: the loss scores samples under the
-    top_p: float = 1.0  # model's own distribution, which top-p or a presence penalty would change
-    top_k: int = 0  # 0: off
-    presence_penalty: float = 0.0  # the model card's 1.5 (with top_p 0.95) is for serving
-    max_new_tokens: int = 1024
-    train_prompts_per_step: int = 16  # groups (prompts) in one train batch
-    rollout_prompts_per_batch: int = 16  # prompts per generate call
-    reward_weights: dict[str, dict[str, float]] = field(
-        default_factory=lambda: copy.deepcopy(TASK_REWARDS))
-
-    def __post_init__(self):
-        if self.loss_agg not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg={self.loss_agg!r}; choose one of {LOSS_AGG_MODES}")
-        if self.on_underfilled not in UNDERFILLED_MODES:
-            raise ValueError(
-                f"on_underfilled={self.on_underfilled!r}; choose one of {UNDERFILLED_MODES}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2: one completion has no variance")
-        if self.max_gen_batches < 1 or self.train_prompts_per_step < 1:
-            raise ValueError("max_gen_batches and train_prompts_per_step must be >= 1")
-        if not (0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0):
-            raise ValueError("need 0 <= clip_eps_low < 1 and clip_eps_high >= 0")
+LOSS_AGG_MODES = CHOICES["rl.loss_agg"]
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -84,10 +45,11 @@ def group_advantages(rewards: torch.Tensor, eps: float, norm_by_std: bool
     return (centered / (std[:, None] + eps) if norm_by_std else centered), std
 
 
-def zero_variance_mask(rewards: torch.Tensor, tol: float) -> torch.Tensor:
-    """Bool [n]: True for groups to keep (std > tol). A tolerance, not equality: rewards such as
-    OCR similarity are continuous and float noise must not count as signal."""
-    return group_std(rewards) > tol
+def zero_variance_mask(signal: torch.Tensor, tol: float) -> torch.Tensor:
+    """Bool [n]: True for groups to keep, whose signal [n, G] (RolloutGroups.signal: correctness by
+    default) has std > tol (DAPO's 0 < correct < G for 0/1 correctness). A tolerance, not equality:
+    OCR similarity and IoU are continuous and float noise must not count as signal."""
+    return group_std(signal) > tol
 
 
 # ----------------------------------------------------------------------------- filtering and refill
@@ -95,16 +57,23 @@ def zero_variance_mask(rewards: torch.Tensor, tol: float) -> torch.Tensor:
 
 @dataclass
 class RolloutGroups:
-    """n prompts' rollouts: rewards [n, G] and one opaque item per group (prompt, token ids,
-    task, ...), kept in step with the rewards through filtering and concatenation."""
+    """n prompts' rollouts: rewards [n, G] (what the advantages are computed from), the signal [n, G]
+    whose per-group spread decides which groups train (`rl.filter_on`: each task's correctness by
+    default, so a group that differs only in format is dropped; None: the rewards), and one opaque
+    item per group (prompt, token ids, task, ...), kept in step through filtering and concatenation."""
 
     rewards: torch.Tensor
     items: list[Any]
+    signal: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.rewards.dim() != 2 or self.rewards.shape[0] != len(self.items):
             raise ValueError(f"rewards must be [n_groups, G] with one item per group; got "
                              f"{tuple(self.rewards.shape)} and {len(self.items)} items")
+        if self.signal is None:
+            self.signal = self.rewards
+        if self.signal.shape != self.rewards.shape:
+            raise ValueError(f"signal {tuple(self.signal.shape)} must be shaped like rewards {tuple(self.rewards.shape)}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -112,23 +81,23 @@ class RolloutGroups:
     def select(self, index: torch.Tensor | slice) -> RolloutGroups:
         """The groups picked by a bool mask [n] or a slice, in order."""
         if isinstance(index, slice):
-            return RolloutGroups(self.rewards[index], self.items[index])
+            return RolloutGroups(self.rewards[index], self.items[index], self.signal[index])
         if index.dtype != torch.bool:
             raise TypeError("select takes a bool mask or a slice")
         positions = index.nonzero().flatten().tolist()
-        return RolloutGroups(self.rewards[index], [self.items[i] for i in positions])
+        return RolloutGroups(self.rewards[index], [self.items[i] for i in positions], self.signal[index])
 
     @staticmethod
     def cat(parts: list[RolloutGroups]) -> RolloutGroups:
         items = [item for p in parts for item in p.items]
-        return RolloutGroups(torch.cat([p.rewards for p in parts]), items)
+        return RolloutGroups(torch.cat([p.rewards for p in parts]), items, torch.cat([p.signal for p in parts]))
 
 
 class UnderfilledBatchWarning(RuntimeWarning):
     """`max_gen_batches` was reached before `train_prompts_per_step` groups had reward variance."""
 
 
-def fill_train_batch(generate_batch: Callable[[int], RolloutGroups], cfg: GRPOConfig
+def fill_train_batch(generate_batch: Callable[[int], RolloutGroups], cfg: RLCfg
                      ) -> tuple[RolloutGroups, dict[str, float]]:
     """Generate rollout batches `generate_batch(0), generate_batch(1), ...` until
     `cfg.train_prompts_per_step` groups with reward variance are kept, at most `cfg.max_gen_batches`
@@ -143,7 +112,7 @@ def fill_train_batch(generate_batch: Callable[[int], RolloutGroups], cfg: GRPOCo
     kept, num_kept, num_generated, num_zero_std = [], 0, 0, 0
     for num_batches in range(1, cfg.max_gen_batches + 1):
         batch = generate_batch(num_batches - 1)
-        keep = zero_variance_mask(batch.rewards, cfg.zero_std_tol)
+        keep = zero_variance_mask(batch.signal, cfg.zero_std_tol)
         kept.append(batch.select(keep))
         num_kept += int(keep.sum())
         num_generated += len(batch)
@@ -192,11 +161,16 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
     return masked_mean(per_seq, has_tokens)
 
 
+KL_CLAMP = 10.0  # per-token k3 KL is clamped to [-KL_CLAMP, KL_CLAMP], as verl does
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(policy || reference) from tokens sampled by the policy:
-    exp(ref - logp) - (ref - logp) - 1, never negative, unbiased (Schulman's k3)."""
-    delta = (ref_logp - logp).clamp(-20.0, 20.0)  # keeps exp finite when the two drift far apart
-    return delta.exp() - delta - 1.0
+    exp(ref - logp) - (ref - logp) - 1, never negative, unbiased (Schulman's k3), clamped to
+    [-KL_CLAMP, KL_CLAMP] so that one token where the two have drifted far apart (k3 grows like
+    exp) cannot dominate the loss or its gradient."""
+    delta = (ref_logp - logp).clamp(-20.0, 20.0)  # keeps exp finite before the clamp
+    return (delta.exp() - delta - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -206,13 +180,17 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cfg: GRPOConfig
+                mask: torch.Tensor, cfg: RLCfg
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-level clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = p / p_old.
+    """Token-level clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = p / p_old,
+    with dual-clip for negative advantages (`cfg.clip_ratio_c`, None: off): there the loss is also
+    capped at -c A, so a token whose ratio has run far above 1 on a bad answer cannot push an
+    unbounded gradient (Ye et al. 2020; verl's clip_ratio_c, default 3).
 
     logp, old_logp, mask: [N, T]; advantages: [N] (one per sequence) or [N, T]. Returns the loss
     aggregated per `cfg.loss_agg` and detached scalar metrics: `clip_fraction` (response tokens
-    whose gradient the clip removes), `approx_kl` (k3 of KL(old || new)), `ratio_mean`.
+    whose gradient the clip removes), `clip_fraction_lower` (tokens the dual clip caps), `approx_kl`
+    (k3 of KL(old || new)), `ratio_mean`.
     """
     mask = mask.bool()
     if advantages.dim() == 1:
@@ -223,10 +201,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-    loss = agg_loss(torch.maximum(unclipped, clipped), mask, cfg.loss_agg)
+    per_token = torch.maximum(unclipped, clipped)
+    capped = torch.zeros_like(mask)
+    if cfg.clip_ratio_c is not None:
+        bound = -advantages * cfg.clip_ratio_c
+        capped = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
+    loss = agg_loss(per_token, mask, cfg.loss_agg)
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
+            "clip_fraction_lower": masked_mean(capped.float(), mask),
             "approx_kl": masked_mean(kl_k3(old_logp.detach(), logp.detach()), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }

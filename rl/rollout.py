@@ -1,14 +1,14 @@
 """GRPO rollouts: prompts from the shards, G sampled completions per prompt, task rewards.
 
     prompts = PromptStream(cfg.data, tokenizer, rank, world_size, seed)  # resumable, this rank's share
-    with generation_mode(run.module) as model:   # full parameters on this rank, no collective inside
+    with decoding(run.engine) as model:          # full parameters on this rank, no collective inside
         groups = generate_groups(model, prompts.take(n), grpo, tokenizer, generator)
     groups.rewards                               # [n, G] weighted task rewards (training/rewards.py `score`)
     groups.items[i]                              # Rollout: the prompt, its G completions, reward parts
 
 Prompts are rendered with the chat template and its generation prompt (reasoning on by default:
 the prompt ends in `<think>\\n`), images included. Generation runs on a model whose parameters are
-whole on every rank (`training.generation_eval.generation_mode`), so ranks generate independently
+whole on every rank (`training.decoding.decoding`), so ranks generate independently
 and may stop after different numbers of tokens.
 """
 
@@ -22,10 +22,12 @@ import torch
 
 from data.mixture import build_sample_stream, iter_heldout, to_data_config
 from data.text import Prompt, render_grpo_prompt
-from model.generate import generate
 from model.vlm import Exaone45
-from rl.grpo import GRPOConfig, RolloutGroups
-from training.rewards import score
+from rl.grpo import RolloutGroups
+from training.config import RLCfg
+from training.decoding import Sampling, decode, sample
+from training.rewards import REWARDS, score
+from training.tasks import correctness_reward
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Rollout:
     texts: list[str]  # decoded completions, stop token excluded
     rewards: list[float]  # weighted task reward per completion
     parts: list[dict[str, float]] = field(default_factory=list)  # reward name -> unweighted value
+    correct: list[float] = field(default_factory=list)  # the task's correctness reward (training/tasks.py)
+    signal: list[float] = field(default_factory=list)  # what the zero-variance filter reads (rl.filter_on)
 
     @property
     def task(self) -> str:
@@ -104,71 +108,43 @@ def heldout_prompts(data_cfg, tokenizer, per_source: int, rank: int = 0, world_s
 # ----------------------------------------------------------------------------- generation
 
 
-def prompt_images(prompts: list[Prompt], dtype: torch.dtype):
-    """(pixel_values, image_grid_thw) of the prompts' images, concatenated in prompt order, or (None, None)."""
-    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if not pixels:
-        return None, None
-    grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
-    return torch.cat(pixels).to(dtype), torch.cat(grids)
+def sampling(rl, temperature: Optional[float] = None, presence_penalty: Optional[float] = None) -> Sampling:
+    """The rollout sampling of the `rl` config (optionally another temperature / presence penalty)."""
+    return Sampling(rl.max_new_tokens, rl.temperature if temperature is None else temperature, rl.top_p, rl.top_k,
+                    rl.presence_penalty if presence_penalty is None else presence_penalty)
 
 
-def sample_completions(model: Exaone45, prompts: list[Prompt], grpo: GRPOConfig, *, stop_id: int, pad_id: int,
-                       generator: Optional[torch.Generator], batch_size: int, temperature: Optional[float] = None):
-    """Completions of every prompt (one each; repeat prompts for groups), `batch_size` sequences
-    per generate call. Returns (tokens, finished) lists in prompt order.
-
-    A completion that samples an image/video placeholder or a vision start/end token is cut just
-    before it and counts as unfinished: such a token has no image features behind it, so the
-    training forward could not score it the way it was sampled.
-    """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    temperature = grpo.temperature if temperature is None else temperature
-    mc = model.cfg
-    vision_ids = {mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id}
-    tokens, finished = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        pixels, grid = prompt_images(chunk, dtype)
-        out = generate(
-            model, [p.input_ids for p in chunk],
-            pixel_values=None if pixels is None else pixels.to(device),
-            image_grid_thw=None if grid is None else grid.to(device),
-            max_new_tokens=grpo.max_new_tokens, temperature=temperature, top_p=grpo.top_p, top_k=grpo.top_k,
-            presence_penalty=grpo.presence_penalty, stop_ids=[stop_id], pad_id=pad_id, generator=generator)
-        for toks, done in zip(out.tokens, out.finished):
-            cut = next((i for i, t in enumerate(toks) if t in vision_ids), None)
-            tokens.append(toks if cut is None else toks[:cut])
-            finished.append(done and cut is None)
-    return tokens, finished
+def judge(text: str, prompt: Prompt, rl: RLCfg, enable_thinking: bool) -> tuple[float, dict, float, float]:
+    """(weighted reward, {reward: value}, correctness, filter signal) of one completion: the task's
+    rewards (`rl.reward_weights`), its correctness reward (training/tasks.py; computed even when its
+    weight leaves it out) and the sum of the `rl.filter_on` rewards (None: the correctness)."""
+    task, meta = prompt.sample.task, {**prompt.sample.meta, "enable_thinking": enable_thinking}
+    reward, parts = score(text, task, meta, rl.reward_weights)
+    value = lambda name: parts[name] if name in parts else REWARDS[name](text, meta)  # noqa: E731
+    correct = value(correctness_reward(task))
+    signal = correct if rl.filter_on is None else sum(value(name) for name in rl.filter_on)
+    return reward, parts, correct, signal
 
 
-def decode(tokenizer, tokens: list[int], stop_id: int) -> str:
-    """Completion text for the rewards: special tokens kept (`</think>` matters), stop token dropped."""
-    if tokens and tokens[-1] == stop_id:
-        tokens = tokens[:-1]
-    return tokenizer.decode(tokens, skip_special_tokens=False)
-
-
-def score_completion(text: str, prompt: Prompt, grpo: GRPOConfig, enable_thinking: bool):
-    meta = {**prompt.sample.meta, "enable_thinking": enable_thinking}
-    return score(text, prompt.sample.task, meta, grpo.reward_weights)
-
-
-def generate_groups(model: Exaone45, prompts: list[Prompt], grpo: GRPOConfig, tokenizer, *,
-                    generator: Optional[torch.Generator] = None, stop_id: int = 53, pad_id: int = 0,
-                    batch_size: int = 64, enable_thinking: bool = True) -> RolloutGroups:
-    """G = grpo.group_size sampled completions per prompt, scored: rewards [len(prompts), G]."""
-    G = grpo.group_size
-    repeated = [p for p in prompts for _ in range(G)]
-    tokens, finished = sample_completions(model, repeated, grpo, stop_id=stop_id, pad_id=pad_id,
-                                          generator=generator, batch_size=batch_size)
+def score_groups(prompts: list[Prompt], tokens: list[list[int]], finished: list[bool], rl: RLCfg, tokenizer, *,
+                 stop_id: int, enable_thinking: bool = True) -> RolloutGroups:
+    """Groups of G = rl.group_size completions per prompt (prompt i's are tokens[i*G : (i+1)*G]), scored."""
+    G = rl.group_size
     items = []
     for i, prompt in enumerate(prompts):
         toks, done = tokens[i * G : (i + 1) * G], finished[i * G : (i + 1) * G]
         texts = [decode(tokenizer, t, stop_id) for t in toks]
-        scored = [score_completion(t, prompt, grpo, enable_thinking) for t in texts]
-        items.append(Rollout(prompt, toks, done, texts, [s[0] for s in scored], [s[1] for s in scored]))
-    rewards = torch.tensor([item.rewards for item in items], dtype=torch.float32).view(len(items), G)
-    return RolloutGroups(rewards, items)
+        judged = [judge(t, prompt, rl, enable_thinking) for t in texts]
+        items.append(Rollout(prompt, toks, done, texts, *(list(x) for x in zip(*judged))))
+    as_tensor = lambda key: torch.tensor([getattr(item, key) for item in items], dtype=torch.float32).view(len(items), G)  # noqa: E731
+    return RolloutGroups(as_tensor("rewards"), items, as_tensor("signal"))
+
+
+def generate_groups(model: Exaone45, prompts: list[Prompt], rl: RLCfg, tokenizer, *,
+                    generator: Optional[torch.Generator] = None, stop_id: int = 53, pad_id: int = 0,
+                    batch_size: int = 64, enable_thinking: bool = True) -> RolloutGroups:
+    """G = rl.group_size sampled completions per prompt by our decoder, scored: rewards [len(prompts), G]."""
+    repeated = [p for p in prompts for _ in range(rl.group_size)]
+    tokens, _, finished = sample(model, repeated, sampling(rl), stop_id=stop_id, pad_id=pad_id,
+                                 generator=generator, batch_size=batch_size)
+    return score_groups(prompts, tokens, finished, rl, tokenizer, stop_id=stop_id, enable_thinking=enable_thinking)

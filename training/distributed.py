@@ -1,13 +1,9 @@
-"""Process groups, the (dp x cp) device mesh, and the two engines: FSDP2 and DeepSpeed ZeRO.
-
-Parallelism is applied to the model from outside, torchtitan style: context parallelism, then
-activation checkpointing, then FSDP2 (each decoder layer, each vision block and the MTP module
-sharded on their own, then the root).
-"""
+"""Process groups, the (dp x cp) device mesh, and reductions over ranks. Parallelism is applied to
+the model in training/parallelize.py; the engines (FSDP2, DeepSpeed) are training/engine.py."""
 
 from __future__ import annotations
 
-import logging
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -15,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass
@@ -58,8 +53,10 @@ def check_layout(cp: int, world: int) -> None:
         raise ValueError(f"config error at `parallel.cp`: {cp} does not divide the world size {world}")
 
 
-def init_distributed(cp: int = 1) -> Dist:
-    """Join the process group torchrun / deepspeed / accelerate set up (or make a group of one)."""
+def init_distributed(cp: int = 1, timeout_s: int = 1800) -> Dist:
+    """Join the process group torchrun / deepspeed / accelerate set up (or make a group of one).
+    A collective that waits longer than `timeout_s` (parallel.timeout_s: a dead or hung peer) raises
+    instead of hanging the job."""
     if "RANK" not in os.environ:  # a plain `python launch/...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -72,7 +69,8 @@ def init_distributed(cp: int = 1) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
@@ -99,75 +97,12 @@ def all_reduce_max(values: list[float], device) -> list[float]:
     return all_reduce_sum(values, device, op=dist.ReduceOp.MAX)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for blocks in (model.language_model.layers, model.visual.blocks):
-        for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-
-
-def apply_fsdp2(model: nn.Module, d: Dist, bf16: bool) -> nn.Module:
-    """Shard parameters over the dp x cp ranks (cp ranks hold the same weights, so FSDP treats the
-    flattened mesh as its data-parallel dimension and averages gradients over all of it)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    mesh = d.mesh._flatten("dp_cp") if d.mesh is not None and d.cp > 1 else d.mesh["dp"]
-    for block in model.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for layer in model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    if model.mtp is not None:
-        fully_shard(model.mtp, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def deepspeed_config(zero_stage: int, grad_accum: int, micro_batch: int, grad_clip: float, bf16: bool, world: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch * grad_accum * world,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-class _ModelOutputNotice(logging.Filter):
-    """Drops ZeRO-3's notice that it cannot see the tensors inside the root module's ModelOutput: it
-    only needs them to gather the root's own parameters for backward, and the root owns none (every
-    parameter sits in a submodule returning tensors, or is registered with one)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "ModelOutput" not in record.getMessage()
-
-
-_MODEL_OUTPUT_NOTICE = _ModelOutputNotice()  # one instance: addFilter skips one already there
-
-
-def init_deepspeed(model: nn.Module, optimizer, ds_config: dict):
-    """The DeepSpeed engine around a materialized model. ZeRO-3 partitions the parameters here, so
-    until then every rank holds the whole model (FSDP2 materializes shard by shard instead)."""
-    import warnings
-
-    import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
-
-    # DeepSpeed's collectives call torch's deprecated names, once per call (every ZeRO-3 module)
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                            category=FutureWarning)
-
-    # On CPU DeepSpeed would compile a shared-memory comm op on first use (+50 s); gloo is enough.
-    if not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
-    if ds_config["zero_optimization"]["stage"] == 3:
-        # ZeRO-3 gathers a module's own parameters around its forward; these are read by another one
-        for module, param in model.external_parameters():
-            deepspeed.zero.register_external_parameter(module, param)
-        logging.getLogger("DeepSpeed").addFilter(_MODEL_OUTPUT_NOTICE)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
-    return engine, optimizer
+def reduce_metrics(sums: dict[str, float], device, maxima: dict[str, float] | None = None) -> dict[str, float]:
+    """A dict of per-rank sums (and of per-rank values whose maximum counts) summed / maxed over the
+    ranks, in one collective each; every rank must pass the same keys (sorted, so order is theirs)."""
+    keys = sorted(sums)
+    out = dict(zip(keys, all_reduce_sum([float(sums[k]) for k in keys], device)))
+    if maxima:
+        keys = sorted(maxima)
+        out.update(zip(keys, all_reduce_max([float(maxima[k]) for k in keys], device)))
+    return out

@@ -18,13 +18,10 @@ from model.vlm import Exaone45
 
 def export_hf(run, out_dir=None) -> Path:
     """Gather the full weights to rank 0 and write a directory transformers loads."""
-    from training.checkpoint import full_model_state
-
     out_dir = Path(out_dir or Path(run.cfg.run_dir) / "hf")
-    module = getattr(run.model, "module", run.model)
-    state = full_model_state(run.model)
+    state = run.engine.full_state_dict()
     if run.d.is_main:
-        plain = Exaone45(module.cfg)
+        plain = Exaone45(run.module.cfg)
         plain.load_state_dict(state)
         save_pretrained(plain, out_dir)
         print(f"exported Hugging Face checkpoint to {out_dir}", flush=True)
@@ -42,7 +39,7 @@ def load_for_inference(path: str, dtype=torch.float32):
     """(model, config) from a Hugging Face directory, a run directory or a checkpoint directory."""
     from model.hf import load_pretrained
     from training.checkpoint import resolve_init_from
-    from training.trainer import model_config
+    from training.config import model_config
 
     kind, where = resolve_init_from(path)
     if kind == "hf":
@@ -50,7 +47,7 @@ def load_for_inference(path: str, dtype=torch.float32):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     import tempfile
 
-    cfg = OmegaConf.load(where.parents[1] / "config.yaml")
+    cfg = OmegaConf.load(where.parents[1] / "config.yaml")  # the run's config as it was resolved
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(where / "model"), f"{tmp}/model.pt")
         state = torch.load(f"{tmp}/model.pt", weights_only=False)["model"]

@@ -22,11 +22,13 @@ def module_of(name: str) -> str:
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim < 2 or "embed_tokens" in name or name.endswith(".bias")
+    ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter's own shape is its empty placeholder
+    return ndim < 2 or "embed_tokens" in name or name.endswith(".bias")
 
 
-def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
-    """tc: the `train` config node. Frozen modules get requires_grad=False and no group."""
+def build_optimizer(model: nn.Module, tc, fused: bool = False) -> torch.optim.Optimizer:
+    """tc: the `train` config node. Frozen modules get requires_grad=False and no group. `fused`: one
+    fused kernel for the whole update (CUDA); otherwise the per-parameter loop."""
     lrs = {"vision": tc.lr_vision or tc.lr, "merger": tc.lr_merger or tc.lr, "language_model": tc.lr, "mtp": tc.lr}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
@@ -41,6 +43,8 @@ def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
     ]
     if not param_groups:
         raise ValueError("config error at `train.freeze`: every module is frozen, nothing to train")
+    if fused:
+        return torch.optim.AdamW(param_groups, betas=tuple(tc.betas), fused=True)
     return torch.optim.AdamW(param_groups, betas=tuple(tc.betas), foreach=False)
 
 

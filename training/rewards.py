@@ -91,7 +91,7 @@ the last number written; accepted: `3`, `3.`, `\\boxed{3}`, `\\boxed{3.0}`, `\\b
 as a box or as the whole answer (not inside prose); the reference may be a word too. Not an
 integer (`3.5`), another number in the box (`7 or 8`), or no number: 0.
 
-TASK_REWARDS holds the default weights per task; `score(..., weights=...)` takes a recipe's
+training/tasks.py holds the default weights per task; `score(..., weights=...)` takes a recipe's
 `reward_weights` ({task: {reward: weight}}), whose entry for a task replaces the default entry.
 """
 
@@ -144,6 +144,9 @@ MAX_SYMBOLIC_EXPONENT = 100
 
 # reason -> number of inputs cut since the last pop_limit_counts(); see the module docstring.
 LIMITS_HIT: collections.Counter[str] = collections.Counter()
+# every reason a cut is counted under (a reference-side cut adds the prefix "gold_")
+LIMIT_REASONS = ("completion_chars", "answer_chars", "nesting", "elements", "exponent", "factorial", "binomial",
+                 "calculus", "magnitude")
 
 
 def pop_limit_counts() -> dict[str, int]:
@@ -880,22 +883,12 @@ REWARDS: dict[str, Reward] = {
     "exact_match": exact_match,
 }
 
-# Correctness dominates; the small format weight teaches the answer layout (closed reasoning, one
-# box) that the correctness parsers rely on. OCR and grounding answers carry no box, so no format.
-TASK_REWARDS: dict[str, dict[str, float]] = {
-    "math": {"math_boxed": 1.0, "format": 0.1},
-    "counting": {"counting": 1.0, "format": 0.1},
-    "digits": {"counting": 1.0, "format": 0.1},  # a digit label is a small integer
-    "classification": {"exact_match": 1.0, "format": 0.1},  # labels may be words, not integers
-    "multiple_choice": {"multiple_choice": 1.0, "format": 0.1},
-    "ocr": {"ocr": 1.0},
-    "grounding": {"grounding": 1.0},
-}
-
-
 def task_weights(task: str, weights: Mapping | None = None) -> dict[str, float]:
-    """The {reward: weight} used for `task`: the recipe's entry if it has one, else the default."""
-    table = weights if weights is not None and task in weights else TASK_REWARDS
+    """The {reward: weight} used for `task`: the recipe's entry if it has one, else the default
+    (training/tasks.py)."""
+    from .tasks import default_reward_weights
+
+    table = weights if weights is not None and task in weights else default_reward_weights()
     if task not in table:
         raise KeyError(f"no rewards configured for task {task!r}; known tasks: {sorted(table)}")
     chosen = {name: float(w) for name, w in table[task].items()}

@@ -46,28 +46,15 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from data.mixture import DataConfig
 
 from . import checkpoint as ckpt
 from .config import TrainCfg
 from .distributed import Dist, init_distributed
-
-
-@dataclass
-class GenerationEvalCfg:
-    tasks: list[str] = field(default_factory=lambda: ["math", "digits", "counting"])
-    limit_per_task: int = 0  # 0: no generation eval
-    max_new_tokens: int = 32
-    enable_thinking: bool = False  # true: the prompt ends in `<think>\n` and the model reasons first
-    batch_size: int = 32
-
-
-@dataclass
-class SFTCfg:
-    stages: list[Any] = field(default_factory=list)
-    generation_eval: GenerationEvalCfg = field(default_factory=GenerationEvalCfg)
 
 
 @dataclass
@@ -83,24 +70,15 @@ class Stage:
 STAGE_KEYS = {f.name for f in fields(Stage)}
 
 
-def sft_config(node) -> SFTCfg:
-    """The `sft` node, schema-checked (unknown keys raise ValueError naming them)."""
-    raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTCfg), raw))
-    except Exception as e:  # ConfigKeyError / ValidationError
-        raise ValueError(f"config error at `sft.{getattr(e, 'full_key', '')}`: {getattr(e, 'msg', e)}") from None
-
-
-def plan(cfg, named_mixtures: dict[str, dict]) -> list[Stage]:
-    """The stages to run, mixtures resolved and steps scaled to `train.steps` (see the module doc)."""
-    from data.mixture import to_data_config
-
-    sft = sft_config(cfg.sft)
+def plan(cfg) -> list[Stage]:
+    """The stages to run, mixtures resolved (a name is one of `data.stages`) and steps scaled to
+    `train.steps` (see the module doc)."""
+    sft = cfg.sft
+    named_mixtures = OmegaConf.to_container(cfg.data.stages, resolve=True)
     if not sft.stages:
         raise ValueError("config error at `sft.stages`: no stages (give at least one {name, mixture, steps})")
     stages = []
-    for i, raw in enumerate(sft.stages):
+    for i, raw in enumerate(OmegaConf.to_container(sft.stages, resolve=True)):
         where = f"sft.stages[{i}]"
         if not isinstance(raw, dict) or not {"name", "mixture", "steps"} <= set(raw):
             raise ValueError(f"config error at `{where}`: expected a mapping with name, mixture and steps")
@@ -118,7 +96,9 @@ def plan(cfg, named_mixtures: dict[str, dict]) -> list[Stage]:
             raise ValueError(f"config error at `{where}.train`: cannot set {bad} per stage")
         if "mixture" in stage.data:
             raise ValueError(f"config error at `{where}.data.mixture`: use the stage's `mixture`")
-        to_data_config({**_data(cfg), **stage.data, "mixture": stage.mixture})  # unknown data keys fail here
+        unknown = sorted(set(stage.data) - {f.name for f in fields(DataConfig)} | ({"special_tokens", "patch"} & set(stage.data)))
+        if unknown:
+            raise ValueError(f"config error at `{where}.data`: cannot set {unknown} per stage")
         if not (isinstance(stage.steps, int) and stage.steps > 0) or stage.lr_scale <= 0:
             raise ValueError(f"config error at `{where}`: steps must be a positive integer and lr_scale > 0")
         stages.append(stage)
@@ -140,10 +120,6 @@ def plan(cfg, named_mixtures: dict[str, dict]) -> list[Stage]:
     return stages
 
 
-def _data(cfg) -> dict:
-    return OmegaConf.to_container(cfg.data) if isinstance(cfg.data, DictConfig) else dict(cfg.data)
-
-
 def stage_dir(run_dir, index: int, stage: Stage) -> Path:
     return Path(run_dir) / "stages" / f"{index}-{stage.name}"
 
@@ -156,7 +132,9 @@ def stage_config(cfg, stages: list[Stage], index: int, init_from: Optional[str])
     c.run_dir = str(stage_dir(cfg.run_dir, index, stage))
     c.stage = stage.name
     c.init_from = init_from
-    c.data = {**_data(cfg), **stage.data, "mixture": stage.mixture}
+    c.data.mixture = stage.mixture
+    for key, value in stage.data.items():
+        c.data[key] = value
     tc = c.train
     tc.steps = stage.steps
     tc.stop_after = None if cfg.train.stop_after is None else min(stage.steps, cfg.train.stop_after - offset)
@@ -178,7 +156,7 @@ def sft_evaluate(cfg) -> Callable:
     from .evaluate import heldout_loss
     from .generation_eval import evaluate_generation
 
-    gen = sft_config(cfg.sft).generation_eval
+    gen = cfg.sft.generation_eval
     end_of_stage: dict = {}
 
     def evaluate(run) -> dict:
@@ -186,7 +164,7 @@ def sft_evaluate(cfg) -> Callable:
             return dict(end_of_stage)
         row = heldout_loss(run)
         if gen.limit_per_task > 0:
-            row.update(evaluate_generation(run.model, run.tokenizer, run.cfg.data, tasks=gen.tasks,
+            row.update(evaluate_generation(run.engine, run.tokenizer, run.cfg.data, tasks=gen.tasks,
                                            limit_per_task=gen.limit_per_task, max_new_tokens=gen.max_new_tokens,
                                            rank=run.d.rank, world=run.d.world, enable_thinking=gen.enable_thinking,
                                            batch_size=gen.batch_size))
@@ -198,12 +176,12 @@ def sft_evaluate(cfg) -> Callable:
     return evaluate
 
 
-def run_curriculum(cfg, named_mixtures: dict, build_loader: Callable, d: Optional[Dist] = None):
+def run_curriculum(cfg, build_loader: Callable, d: Optional[Dist] = None):
     """Run (or resume) the stages; returns (the Run of the last stage trained here or None, whether
     the whole curriculum is done)."""
     from .trainer import setup, train
 
-    stages = plan(cfg, named_mixtures)
+    stages = plan(cfg)
     d = d or init_distributed(cfg.parallel.cp)
     run_dir = Path(cfg.run_dir)
     if d.is_main:
@@ -222,7 +200,7 @@ def run_curriculum(cfg, named_mixtures: dict, build_loader: Callable, d: Optiona
         if not latest or latest[-1][0] < stage.steps:
             run = None  # free the previous stage's model and optimizer first
             run = setup(stage_config(cfg, stages, index, init_from), build_loader, d)
-            train(run, evaluate)
+            train(run, evaluate=evaluate)
             if d.is_main:
                 _merge_metrics(run_dir, stages)
             if run.preempted or run.step < stage.steps:

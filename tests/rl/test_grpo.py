@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rl.grpo import (GRPOConfig, RolloutGroups, UnderfilledBatchWarning, agg_loss,
-                     entropy_from_logits, fill_train_batch, group_advantages, kl_k3, masked_mean,
-                     policy_loss, zero_variance_mask)
+from rl.grpo import (KL_CLAMP, RolloutGroups, UnderfilledBatchWarning, agg_loss, entropy_from_logits,
+                     fill_train_batch, group_advantages, kl_k3, masked_mean, policy_loss, zero_variance_mask)
+from training.config import RLCfg, rl_config
 
 
 def close(actual, expected):
@@ -52,7 +52,7 @@ def test_zero_variance_mask_uses_a_tolerance():
 
 def cfg(**overrides):
     base = dict(group_size=2, train_prompts_per_step=4, rollout_prompts_per_batch=4, max_gen_batches=3)
-    return GRPOConfig(**{**base, **overrides})
+    return RLCfg(**{**base, **overrides})
 
 
 class Generator:
@@ -137,20 +137,25 @@ def test_rollout_groups_keep_items_in_step_with_rewards():
         both.select(torch.tensor([0, 2]))
 
 
-@pytest.mark.parametrize("bad", [dict(loss_agg="sum"), dict(on_underfilled="ignore"),
-                                 dict(group_size=1), dict(max_gen_batches=0), dict(clip_eps_low=1.0)])
-def test_config_rejects_bad_knobs(bad):
-    with pytest.raises(ValueError):
-        GRPOConfig(**bad)
+@pytest.mark.parametrize("bad, key", [
+    (dict(loss_agg="sum"), "rl.loss_agg"), (dict(on_underfilled="ignore"), "rl.on_underfilled"),
+    (dict(group_size=1), "rl.group_size"), (dict(max_gen_batches=0), "rl.max_gen_batches"),
+    (dict(clip_eps_low=1.0), "rl.clip_eps_low"), (dict(clip_ratio_c=0.5), "rl.clip_ratio_c"),
+    (dict(filter_on=["nosuch"]), "rl.filter_on"), (dict(group_sise=4), "rl.group_sise"),
+    (dict(reward_weights={"math": {"nosuch": 1.0}}), "rl.reward_weights.math"),
+])
+def test_config_rejects_bad_knobs_naming_the_key(bad, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        rl_config(bad)
 
 
 def test_config_defaults():
-    c = GRPOConfig()
-    assert (c.clip_eps_low, c.clip_eps_high, c.loss_agg, c.temperature, c.top_p, c.presence_penalty) == (
-        0.2, 0.28, "token-mean", 1.0, 1.0, 0.0)  # on-policy sampling
+    c = RLCfg()
+    assert (c.clip_eps_low, c.clip_eps_high, c.clip_ratio_c, c.loss_agg, c.temperature, c.top_p, c.presence_penalty,
+            c.filter_on) == (0.2, 0.28, 3.0, "token-mean", 1.0, 1.0, 0.0, None)  # on-policy sampling, filter on correctness
     assert c.reward_weights["math"] == {"math_boxed": 1.0, "format": 0.1}
     c.reward_weights["math"]["format"] = 0.0
-    assert GRPOConfig().reward_weights["math"]["format"] == 0.1  # each config owns its copy
+    assert RLCfg().reward_weights["math"]["format"] == 0.1  # each config owns its copy
 
 
 # ----------------------------------------------------------------------------- clipped loss
@@ -194,6 +199,41 @@ def test_each_clip_case_alone():
         loss, metrics = policy_loss(logp, torch.zeros(1, 1), torch.tensor([a]), torch.ones(1, 1), cfg())
         close(loss, token_loss)
         close(metrics["clip_fraction"], float(clipped))
+
+
+def test_dual_clip_caps_negative_advantages_by_hand():
+    """With A < 0 the per-token loss max(-A r, -A clip(r)) grows without bound in r; the dual clip
+    caps it at -c A (c = 3): A = -1, r = 4 gives 4 -> 3 with no gradient, r = 2 stays 2 (below the
+    cap), and positive advantages never see the cap."""
+    logp = torch.tensor([[math.log(4.0)], [math.log(2.0)], [math.log(4.0)]], requires_grad=True)
+    adv = torch.tensor([-1.0, -1.0, 2.0])
+    loss, metrics = policy_loss(logp, torch.zeros(3, 1), adv, torch.ones(3, 1), cfg(loss_agg="token-mean"))
+    # per token: min(max(4, 0.8), 3) = 3; min(max(2, 0.8), 3) = 2; A = 2: max(-8, -2.56) = -2.56
+    close(loss, (3 + 2 - 2.56) / 3)
+    loss.backward()
+    close(logp.grad.flatten(), [0.0, 2.0 / 3, 0.0])  # d(-A r)/dlogp = -A r = 2 for the second; the others are flat
+    close(metrics["clip_fraction_lower"], 1 / 3)
+    off, _ = policy_loss(logp.detach(), torch.zeros(3, 1), adv, torch.ones(3, 1), cfg(clip_ratio_c=None))
+    close(off, (4 + 2 - 2.56) / 3)
+
+
+def test_kl_is_clamped_per_token():
+    # delta = ref - logp = 15: k3 = e^15 - 15 - 1 ~ 3.3e6 -> KL_CLAMP; delta = 1: e - 2 stays
+    close(kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([15.0, 1.0])), [KL_CLAMP, math.e - 2])
+    assert KL_CLAMP == 10.0
+
+
+def test_a_group_that_differs_only_in_format_is_filtered():
+    """Every answer wrong, half of them formatted: rewards [0.091, 0, 0.091, 0] vary, correctness [0, 0,
+    0, 0] does not: the group carries no correctness signal and is dropped (DAPO's 0 < correct < G);
+    a group with one right answer is kept."""
+    rewards = torch.tensor([[1 / 11, 0.0, 1 / 11, 0.0], [1.0, 0.0, 1 / 11, 0.0]])
+    correct = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert zero_variance_mask(rewards, 1e-6).tolist() == [True, True]  # the total reward would keep both
+    groups = RolloutGroups(rewards, ["format only", "one right"], correct)
+    kept, metrics = fill_train_batch(lambda i: groups, cfg(group_size=4, train_prompts_per_step=1, max_gen_batches=1))
+    assert kept.items == ["one right"] and metrics["frac_zero_std_groups"] == 0.5
+    close(kept.rewards, rewards[1:])  # the advantages still come from the rewards
 
 
 def test_eps_low_and_high_are_separate():

@@ -23,10 +23,10 @@ import torch
 
 from tests.training.helpers import compose, free_port, metrics
 
-SFT = ["model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0", "stage=grpo", "data.seq_len=512",
+SFT = ["+scale=mini", "wandb.mode=disabled", "data.num_workers=0", "stage=grpo", "data.seq_len=512",
        "train.micro_batch_size=1", "train.steps=60", "train.warmup_steps=3", "train.lr=5e-3",
        "model.mtp_loss_weight=0", "checkpoint.every=1000", "eval.batches=0"]
-GRPO = ["+recipe=grpo", "model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0", "model.mtp_loss_weight=0",
+GRPO = ["+recipe=grpo", "+scale=mini", "wandb.mode=disabled", "data.num_workers=0",
         "train.steps=20", "train.lr=5e-4", "rl.update_epochs=2", "checkpoint.every=1000",
         "rl.max_new_tokens=40", "rl.presence_penalty=0", "rl.top_p=1.0",  # on-policy sampling
         "rl.group_size=8", "rl.train_prompts_per_step=8", "rl.rollout_prompts_per_batch=8", "rl.max_gen_batches=3",
@@ -50,7 +50,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str):
                       MASTER_PORT=str(port), WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
     from launch.common import loader_factory
-    from rl.train import prompt_loader, rl_config, train as grpo_train
+    from rl.train import prompt_loader, train as grpo_train
+    from training.config import rl_config
     from training.distributed import init_distributed, shutdown
     from training.trainer import setup, train
 
@@ -59,8 +60,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str):
     sft = compose(SFT + seed + [f"data.root={root}", f"run_dir={out}/sft"])
     train(setup(sft, loader_factory("train"), d))
     cfg = compose(GRPO + seed + [f"data.root={root}", f"run_dir={out}/grpo", f"init_from={out}/sft"], config_name="grpo")
-    grpo, loop = rl_config(cfg.rl)
-    grpo_train(setup(cfg, prompt_loader(loop), d), grpo, loop)
+    rl = rl_config(cfg.rl)
+    grpo_train(setup(cfg, prompt_loader(rl), d), rl)
     shutdown()
 
 
@@ -74,7 +75,10 @@ def test_grpo_raises_heldout_reward(tmp_path, corpus):
     before, after = rows[0], rows[-1]
     print(f"\nSFT + GRPO in {time.perf_counter() - start:.0f} s; held-out reward (math) "
           f"{before['eval/reward_task/math']:.3f} -> {after['eval/reward_task/math']:.3f}, "
-          f"(all) {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}")
+          f"(all) {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; accuracy {before['eval/accuracy']:.3f} -> "
+          f"{after['eval/accuracy']:.3f} (math {before['eval/accuracy/math']:.3f} -> {after['eval/accuracy/math']:.3f}, "
+          f"counting {before['eval/accuracy/counting']:.3f} -> {after['eval/accuracy/counting']:.3f}), greedy "
+          f"{before['eval/accuracy_greedy']:.3f} -> {after['eval/accuracy_greedy']:.3f}")
     assert before["step"] == 0 and after["step"] == 20
     steps = [r for r in rows[1:] if "num_train_groups" in r]
     assert len(steps) == 20 and all("train_groups/math" in r and "train_groups/counting" in r for r in steps)

@@ -7,20 +7,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rl.grpo import GRPOConfig, policy_loss
-from rl.train import Packed, _share, pack, response_logits, rl_config, token_logprobs
+from rl.grpo import policy_loss
+from rl.update import Packed, _share, pack, response_logprobs
+from training.config import RLCfg, rl_config
 
 from tests.training.helpers import compose, launch, metrics
 
 # From scratch nothing answers math or counting, so the OCR source is in the mixture: its edit
 # similarity is continuous, random completions already differ in reward and updates happen.
-SMOKE = ["+recipe=grpo", "model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0",
+SMOKE = ["+recipe=grpo", "+scale=mini", "wandb.mode=disabled", "data.num_workers=0",
          "+data.stages.grpo.ocr=0.5", "train.steps=3", "train.micro_batch_size=8", "train.lr=1e-3",
          "rl.group_size=4", "rl.train_prompts_per_step=4", "rl.rollout_prompts_per_batch=4", "rl.max_gen_batches=2",
          "rl.max_new_tokens=12", "rl.update_epochs=2", "rl.kl_coef=0.05", "rl.entropy_coef=0.01",
          "rl.eval_prompts_per_source=2", "checkpoint.every=100"]
-EXACT = ["loss", "grad_norm", "reward_mean", "reward_std", "entropy", "clip_fraction", "kl", "approx_kl",
-         "response_length_mean", "frac_zero_std_groups", "num_gen_batches", "tokens", "eval/reward"]
+EXACT = ["loss", "grad_norm", "reward_mean", "reward_std", "accuracy", "entropy", "clip_fraction", "kl", "approx_kl",
+         "response_length_mean", "frac_zero_std_groups", "num_gen_batches", "tokens", "eval/reward", "eval/accuracy",
+         "eval/accuracy_greedy"]
 
 
 def _prompts(demo_corpus, demo_tokenizer, n=4):
@@ -38,20 +40,27 @@ def test_packed_logprobs_equal_the_sampling_logprobs(demo_corpus, demo_tokenizer
     from model.config import preset
     from model.generate import generate
     from model.vlm import build_model
-    from rl.rollout import prompt_images
+    from rl.grpo import entropy_from_logits
+    from training.decoding import prompt_images
 
     torch.manual_seed(0)
     model = build_model(preset("tiny"))
+    model.cfg.loss_chunk_size = 7  # several chunks of the LM head, not one
     prompts = _prompts(demo_corpus, demo_tokenizer)
     pixels, grid = prompt_images(prompts, torch.float32)
-    out = generate(model, [p.input_ids for p in prompts], pixel_values=pixels, image_grid_thw=grid, max_new_tokens=12,
-                   temperature=1.0, generator=torch.Generator().manual_seed(0))
-    packed = pack([(p, t, 1.0) for p, t in zip(prompts, out.tokens)], "cpu")
-    with torch.no_grad():
-        logp = token_logprobs(response_logits(model, packed, 1.0), packed.targets)
-    expected = torch.tensor([x for row in out.logprobs for x in row])
-    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
-    assert packed.mask.sum() == len(expected) and packed.padded(logp)[packed.mask].equal(logp)
+    for temperature in (1.0, 0.7):
+        out = generate(model, [p.input_ids for p in prompts], pixel_values=pixels, image_grid_thw=grid, max_new_tokens=12,
+                       temperature=temperature, generator=torch.Generator().manual_seed(0))
+        packed = pack([(p, t, 1.0) for p, t in zip(prompts, out.tokens)], "cpu")
+        with torch.no_grad():
+            logp, entropy = response_logprobs(model, packed, temperature, entropy=True)
+            full = model(packed.input_ids, packed.pixel_values, packed.image_grid_thw, cu_seqlens=packed.cu_seqlens,
+                         return_logits=True).logits[0].float() / temperature  # every position: the reference
+        expected = torch.tensor([x for row in out.logprobs for x in row])
+        torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+        positions = (packed.labels[0] != -100).nonzero().flatten() - 1  # the logits predicting each response token
+        torch.testing.assert_close(entropy, entropy_from_logits(full[positions]), rtol=0, atol=1e-5)
+        assert packed.mask.sum() == len(expected) and packed.padded(logp)[packed.mask].equal(logp)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -63,14 +72,14 @@ def test_micro_batch_shares_add_up_to_the_whole_batch_loss(mode):
     mask = torch.arange(T)[None] < lengths[:, None]
     logp, old = -torch.rand(n, T, generator=g), -torch.rand(n, T, generator=g)
     adv = torch.randn(n, generator=g)
-    grpo = GRPOConfig(loss_agg=mode, group_size=2)
+    grpo = RLCfg(loss_agg=mode, group_size=2)
     whole, _ = policy_loss(logp, old, adv, mask, grpo)
 
     def part(rows):
         idx = torch.tensor(rows)
         m = mask[idx]
         rr, cc = m.nonzero(as_tuple=True)
-        return Packed(None, None, None, None, None, torch.zeros(int(m.sum())), rr, cc, m, adv[idx]), idx
+        return Packed(None, None, None, None, None, rr, cc, m, adv[idx]), idx
 
     totals = {"tokens": int(mask.sum()), "sequences": n}
     total = 0.0
@@ -81,11 +90,12 @@ def test_micro_batch_shares_add_up_to_the_whole_batch_loss(mode):
     torch.testing.assert_close(total, whole)
 
 
-def test_rl_config_splits_algorithm_and_loop_knobs_and_names_bad_keys():
-    cfg = compose(["+recipe=grpo", "model=tiny", "data=demo", "rl.group_size=4", "rl.eval_samples=3"], config_name="grpo")
-    grpo, loop = rl_config(cfg.rl)
+def test_rl_config_is_one_checked_object_and_names_bad_keys():
+    cfg = compose(["+recipe=grpo", "+scale=mini", "rl.group_size=4", "rl.eval_samples=3"], config_name="grpo")
+    rl = rl_config(cfg.rl)
     raw = OmegaConf.to_container(cfg.rl)
-    assert grpo.group_size == 4 and loop.eval_samples == 3 and grpo.reward_weights["math"]["math_boxed"] == 1.0
+    assert rl.group_size == 4 and rl.eval_samples == 3 and rl.reward_weights["math"]["math_boxed"] == 1.0
+    assert rl.rollout_engine == "native" and rl.max_new_tokens == 64  # the miniature's, not the 33B recipe's
     assert cfg.data.mixture == {"math": 0.6, "counting": 0.4}
     with pytest.raises(ValueError, match="rl.group_sise"):
         rl_config({**raw, "group_sise": 4})
@@ -97,7 +107,7 @@ def test_vision_tokens_end_a_completion(demo_corpus, demo_tokenizer):
     """A sampled image placeholder has no image behind it: the completion is cut before it, unfinished."""
     from model.config import preset
     from model.vlm import build_model
-    from rl.rollout import sample_completions
+    from training.decoding import Sampling, sample
 
     class ImageTokenHead(torch.nn.Module):  # every next-token distribution peaks at the image placeholder
         def forward(self, h):
@@ -108,16 +118,16 @@ def test_vision_tokens_end_a_completion(demo_corpus, demo_tokenizer):
     model = build_model(preset("tiny"))
     model.lm_head = ImageTokenHead()
     prompts = _prompts(demo_corpus, demo_tokenizer)
-    tokens, finished = sample_completions(model, prompts, GRPOConfig(temperature=0.0, presence_penalty=0.0, max_new_tokens=4),
-                                          stop_id=53, pad_id=0, generator=None, batch_size=8)
+    tokens, _, finished = sample(model, prompts, Sampling(max_new_tokens=4), stop_id=53, pad_id=0, batch_size=8)
     assert all(t == [] for t in tokens) and not any(finished)
 
 
 def _check_row(row, grpo):
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped_samples", "reward_mean", "reward_std",
-                "frac_zero_std_groups", "num_gen_batches", "entropy", "clip_fraction", "kl", "response_length_mean",
-                "response_length_max", "response_clipped_ratio", "gen_tokens_per_s", "train_tokens_per_s",
-                "reward/ocr", "reward_task/ocr", "reward_task/math"):
+                "accuracy", "accuracy/ocr", "frac_zero_std_groups", "num_gen_batches", "entropy", "clip_fraction",
+                "clip_fraction_lower", "kl", "response_length_mean", "response_length_max", "response_clipped_ratio",
+                "gen_tokens_per_s", "train_tokens_per_s", "reward/ocr", "reward_task/ocr", "reward_task/math",
+                "train_groups/math", "train_groups/ocr"):
         assert key in row and math.isfinite(row[key]), (key, row)
     assert 0 <= row["reward_mean"] <= 1 and 0 <= row["reward_std"] <= 0.5
     assert 0 <= row["frac_zero_std_groups"] <= 1 and 1 <= row["num_gen_batches"] <= grpo["max_gen_batches"]
@@ -136,7 +146,8 @@ def test_grpo_launcher_two_ranks_metrics_and_exact_resume(tmp_path, demo_corpus)
     grpo = compose(SMOKE, config_name="grpo").rl
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["step"] for r in straight] == [0, 1, 2, 3] == [r["step"] for r in resumed]
-    assert "eval/reward" in straight[0] and "eval/reward" in straight[-1]
+    for row in (straight[0], straight[-1]):  # held-out evaluation at the start and the end
+        assert {"eval/reward", "eval/accuracy", "eval/accuracy_greedy", "eval/accuracy/ocr"} <= set(row)
     for row in straight[1:]:
         _check_row(row, grpo)
     updated = [r for r in straight[1:] if r["num_train_groups"] > 0]

@@ -49,10 +49,11 @@ def metrics(run_dir) -> list[dict]:
 def compose(overrides: list[str], config_name: str = "pretrain"):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from launch.common import RECIPES, resolve_config
+    from launch.common import RECIPES, scale_overrides
+    from training.config import load_config
 
     with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
-        return resolve_config(hydra_compose(config_name, overrides=overrides))
+        return load_config(hydra_compose(config_name, overrides=scale_overrides(overrides)))
 
 
 class ListLoader:

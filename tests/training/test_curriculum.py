@@ -5,7 +5,7 @@ from .helpers import launch, metrics
 
 
 def test_stage1_then_stage2_learn(tmp_path, demo_corpus):
-    common = ["model=tiny", "data=demo", "wandb.mode=disabled", f"data.root={demo_corpus}", "data.seq_len=256",
+    common = ["+scale=mini", "wandb.mode=disabled", f"data.root={demo_corpus}", "data.seq_len=256",
               "data.num_workers=0", "train.micro_batch_size=1", "eval.batches=4", "checkpoint.every=1000"]
     launch("pretrain.py", common + ["+recipe=stage1", f"run_dir={tmp_path / 's1'}", "train.steps=150", "eval.every=75",
                                     "train.warmup_steps=10"], nproc=2, timeout=600)

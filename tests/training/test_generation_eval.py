@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
+from model.config import preset
+from model.vlm import build_model
 from training import generation_eval as ge
 
-from .helpers import free_port
+from .helpers import compose, free_port
 
 DATA = {"mixture": {"math": 1.0}}
 
@@ -44,7 +46,7 @@ def test_scores_reach_the_task_metrics(demo_corpus, demo_tokenizer, monkeypatch)
             return [answer[s.task if s.task in answer else "digits"](s) for s in samples]
 
         monkeypatch.setattr(ge, "complete", fake_complete)
-        row = ge.evaluate_generation(torch.nn.Linear(1, 1), demo_tokenizer, _data(demo_corpus), tasks=tuple(gold),
+        row = ge.evaluate_generation(build_model(preset("tiny")), demo_tokenizer, _data(demo_corpus), tasks=tuple(gold),
                                      limit_per_task=6)
         for task in gold:
             assert row[f"gen/{task}"] == expected, (task, row)
@@ -56,27 +58,22 @@ def _fsdp_worker(rank: int, world: int, port: int, root: str, out: str):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from data.text import load_tokenizer
-    from model.config import preset
-    from model.vlm import Exaone45
-    from training.distributed import apply_fsdp2, init_distributed, shutdown
-    from training.trainer import init_weights
+    from training.decoding import decoding
+    from training.distributed import init_distributed, shutdown
+    from training.engine import build_engine
+    from training.parallelize import build_module
 
     d = init_distributed(1)
-    cfg = preset("tiny")
-    with torch.device("meta"):
-        model = Exaone45(cfg)
-    model.vision_in_every_step = True  # as data-parallel training sets it
-    apply_fsdp2(model, d, bf16=False)
-    model.to_empty(device=d.device)
-    init_weights(model, cfg, seed=0)
+    cfg = compose(["+scale=mini", f"data.root={root}"])
+    engine = build_engine(cfg, d, build_module(cfg, d))  # FSDP2 over the two ranks, the seeded initialization
     tok, data = load_tokenizer(None), _data(root)
     samples = ge.heldout_prompts(data, "digits", 8, rank, world) + ge.heldout_prompts(data, "math", 8, rank, world)
-    with ge.generation_mode(model) as plain:
+    with decoding(engine) as plain:
         texts = ge.complete(plain, tok, samples, data, max_new_tokens=12 + 4 * rank)  # ranks decode unequal lengths
-    row = ge.evaluate_generation(model, tok, data, tasks=("digits", "math"), limit_per_task=8, max_new_tokens=12,
+    row = ge.evaluate_generation(engine, tok, data, tasks=("digits", "math"), limit_per_task=8, max_new_tokens=12,
                                  rank=rank, world=world)
     ids = torch.randint(80, 4000, (1, 32), generator=torch.Generator().manual_seed(1))
-    loss = model(ids, labels=ids).loss  # still trains: sharded again, resharding after forward restored
+    loss = engine.model(ids, labels=ids).loss  # still trains: sharded again, resharding after forward restored
     loss.backward()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"texts": texts, "row": row, "loss": loss.item()}, f)
@@ -86,12 +83,11 @@ def _fsdp_worker(rank: int, world: int, port: int, root: str, out: str):
 def test_fsdp2_two_ranks_decode_what_the_plain_model_decodes(tmp_path, demo_corpus, demo_tokenizer):
     import torch.multiprocessing as mp
 
-    from model.config import preset
     from model.vlm import Exaone45
 
     mp.start_processes(_fsdp_worker, args=(2, free_port(), str(demo_corpus), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the seeded initialization (train.seed=0), made whole in this process
     plain = Exaone45(preset("tiny"))
     plain.init_weights()
     data = _data(demo_corpus)

@@ -1,7 +1,7 @@
 """Every entry point starts under DeepSpeed's launcher and under `accelerate launch` (2 processes on
 CPU), besides torchrun (the other tests): short smoke runs of the launchers the other tests don't use.
-Under DeepSpeed's launcher the engine defaults to DeepSpeed; accelerate starts the same 2-rank
-FSDP2 run torchrun does, step for step."""
+A launcher only starts processes: the engine is `parallel.engine` (DeepSpeed here where the command
+line says so); accelerate starts the same 2-rank FSDP2 run torchrun does, step for step."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from .helpers import ENV, ROOT, free_port, launch, metrics
 
-TINY = ["model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0", "data.seq_len=128",
+TINY = ["+scale=mini", "wandb.mode=disabled", "data.num_workers=0", "data.seq_len=128",
         "train.micro_batch_size=1", "checkpoint.every=1000", "eval.every=0"]
 GRPO = ["+recipe=grpo", "+data.stages.grpo.ocr=0.5", "train.steps=1", "train.micro_batch_size=4", "rl.group_size=2",
         "rl.train_prompts_per_step=2", "rl.rollout_prompts_per_batch=2", "rl.max_gen_batches=1",
@@ -36,7 +36,7 @@ def _run(launcher: str, script: str, overrides: list[str]):
 ])
 def test_deepspeed_launcher(tmp_path, demo_corpus, script, extra):
     run_dir = tmp_path / "run"
-    _run("deepspeed", script, TINY + extra + [f"run_dir={run_dir}", f"data.root={demo_corpus}"])
+    _run("deepspeed", script, TINY + extra + ["parallel.engine=deepspeed", f"run_dir={run_dir}", f"data.root={demo_corpus}"])
     assert OmegaConf.load(run_dir / "config.yaml").parallel.engine == "deepspeed"
     steps = int(next(e for e in extra if e.startswith("train.steps=")).split("=")[1])
     assert metrics(run_dir)[-1]["step"] == steps and (run_dir / "checkpoints" / f"step_{steps}" / "ds").is_dir()

@@ -8,7 +8,7 @@ inputs. Right answers must score exactly 1.0 and wrong ones exactly 0.0.
 
 import pytest
 
-from training.rewards import (MAX_COMPLETION_CHARS, REWARDS, TASK_REWARDS, box_iou, final_box, last_boxed,
+from training.rewards import (MAX_COMPLETION_CHARS, REWARDS, box_iou, final_box, last_boxed,
                               levenshtein, parse_boxes, pop_limit_counts, score)
 
 MALFORMED = [
@@ -509,11 +509,12 @@ def test_exact_match(completion, answer, expected):
     assert REWARDS["exact_match"](completion, {"answer": answer}) == expected
 
 
-def test_every_default_task_uses_registered_rewards():
-    assert {"math", "counting", "digits", "classification", "multiple_choice", "ocr",
-            "grounding"} <= set(TASK_REWARDS)
-    for weights in TASK_REWARDS.values():
-        assert set(weights) <= set(REWARDS)
+def test_every_task_uses_registered_rewards():
+    from training.tasks import TASKS
+
+    assert {"math", "counting", "digits", "classification", "multiple_choice", "ocr", "grounding"} <= set(TASKS)
+    for task in TASKS.values():
+        assert set(task.weights) <= set(REWARDS) and task.correct in REWARDS and task.correct in task.weights
 
 
 def test_score_is_weighted_mean_of_parts():

@@ -14,7 +14,7 @@ from data.text import IGNORE, render_chat, tokenize_sample
 
 from .helpers import ENV, ROOT, compose, free_port, launch, metrics
 
-TINY = ["model=tiny", "data=demo", "wandb.mode=disabled", "data.num_workers=0"]
+TINY = ["+scale=mini", "wandb.mode=disabled", "data.num_workers=0"]
 SFT_STAGES = ("sft.stages=[{name: general, mixture: {chat: 0.6, math: 0.2, counting: 0.1, caption: 0.1}, steps: 60},"
               "{name: reasoning, mixture: {chat: 0.5, math: 0.5}, steps: 40, lr_scale: 0.5}]")
 
@@ -55,12 +55,13 @@ def test_deepspeed_sft_curriculum_raises_heldout_exact_match(tmp_path, sft_corpu
     """`deepspeed --num_gpus 2 launch/sft.py +recipe=sft ...` from the Hugging Face export of the
     pretrained model: a two-stage curriculum (its 60 + 40 steps scaled to train.steps=60)."""
     run_dir = tmp_path / "sft"
-    _deepspeed(TINY + ["+recipe=sft", f"run_dir={run_dir}", f"data.root={sft_corpus}", f"init_from={pretrained / 'hf'}",
+    _deepspeed(TINY + ["+recipe=sft", "parallel.engine=deepspeed", f"run_dir={run_dir}", f"data.root={sft_corpus}",
+                       f"init_from={pretrained / 'hf'}",
                        "data.seq_len=256", "train.micro_batch_size=4", "train.steps=60", "train.lr=3e-3",
                        "checkpoint.every=1000", SFT_STAGES, "sft.generation_eval.tasks=[math,digits,counting]",
                        "sft.generation_eval.limit_per_task=64", "sft.generation_eval.max_new_tokens=40", "eval.batches=2"])
-    # DeepSpeed's launcher makes DeepSpeed (ZeRO-2) the engine
-    assert OmegaConf.load(run_dir / "stages" / "1-general" / "config.yaml").parallel.engine == "deepspeed"
+    stage_cfg = OmegaConf.load(run_dir / "stages" / "1-general" / "config.yaml")
+    assert stage_cfg.parallel.engine == "deepspeed" and stage_cfg.parallel.zero_stage == 2 and stage_cfg.model.name == "tiny"
     assert (run_dir / "stages" / "1-general" / "checkpoints" / "step_36").is_dir()  # the stage boundary
     final_ckpt = run_dir / "stages" / "2-reasoning" / "checkpoints" / "step_24"
     assert (final_ckpt / "ds").is_dir() and (run_dir / "checkpoints" / "step_60").resolve() == final_ckpt.resolve()
@@ -116,13 +117,14 @@ def test_plan_scales_steps_resolves_mixtures_and_names_bad_keys(demo_corpus):
     from training.sft import plan, stage_config
 
     cfg = compose(TINY + ["+recipe=sft", f"data.root={demo_corpus}", "train.steps=20"], "sft")
-    stages = plan(cfg, {})
+    stages = plan(cfg)
     assert [(s.name, s.steps) for s in stages] == [("general", 12), ("reasoning", 8)]
     second = stage_config(cfg, stages, 2, "out/sft/stages/1-general")
     assert second.train.lr == pytest.approx(cfg.train.lr * 0.5) and second.train.steps == 8
     assert second.init_from == "out/sft/stages/1-general" and second.data["mixture"]["math"] == 0.4
     assert second.run_dir.endswith("stages/2-reasoning") and second.train.seed == cfg.train.seed + 1
-    named = plan(compose(TINY + [f"data.root={demo_corpus}"], "sft"), {"sft": {"math": 1.0}})
+    named = plan(compose(TINY + [f"data.root={demo_corpus}", "+data.stages.only_math={math: 1.0}",
+                                 "sft.stages=[{name: m, mixture: only_math, steps: 200}]"], "sft"))
     assert named[0].mixture == {"math": 1.0} and named[0].steps == 200
     for override, message in [
         ("sft.stages=[{name: a, mixture: nosuch, steps: 2}]", "sft.stages\\[0\\].mixture"),
@@ -132,26 +134,32 @@ def test_plan_scales_steps_resolves_mixtures_and_names_bad_keys(demo_corpus):
         ("+sft.nosuch=1", "sft.nosuch"),
     ]:
         with pytest.raises(ValueError, match=message):
-            plan(compose(TINY + [f"data.root={demo_corpus}", override], "sft"), {})
+            compose(TINY + [f"data.root={demo_corpus}", override], "sft")  # validated once, at start-up
 
 
-def test_long_context_recipe_keeps_the_released_rope():
+def test_long_context_recipe_keeps_the_released_rope(monkeypatch):
     from model.config import preset
-    from training.trainer import model_config
+    from training.config import model_config
 
+    monkeypatch.setenv("WORLD_SIZE", "64")  # its layout: dp 8 x cp 8
     cfg = compose(["+recipe=sft_long"], "sft")
     assert cfg.parallel.cp == 8 and cfg.train.activation_checkpointing and cfg.data.seq_len == 262144
     assert model_config(cfg).text_config.rope_parameters == preset("exaone4_5_33b").text_config.rope_parameters
     assert model_config(cfg).loss_chunk_size == 4096
 
 
-def test_deepspeed_launcher_arguments():
-    from launch.common import deepspeed_launcher_args
+def test_launcher_arguments():
+    """DeepSpeed's `--local_rank` is dropped (the engine stays `parallel.engine`'s); the scale overlay
+    goes after the recipe whatever the order typed, then the recipe's miniature values."""
+    from launch.common import launcher_args
 
-    assert deepspeed_launcher_args(["--local_rank=1", "model=tiny"], {}) == ["model=tiny", "parallel.engine=deepspeed"]
-    assert deepspeed_launcher_args(["--local_rank", "0", "parallel.engine=fsdp2"], {}) == ["parallel.engine=fsdp2"]
-    assert deepspeed_launcher_args(["model=tiny"], {"CROSS_RANK": "0"}) == ["model=tiny", "parallel.engine=deepspeed"]
-    assert deepspeed_launcher_args(["model=tiny"], {"CROSS_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) == ["model=tiny"]
+    assert launcher_args(["--local_rank=1", "train.steps=3"]) == ["train.steps=3"]
+    assert launcher_args(["--local_rank", "0", "parallel.engine=fsdp2"]) == ["parallel.engine=fsdp2"]
+    assert launcher_args(["+scale=mini", "+recipe=sft", "x=1"]) == ["+recipe=sft", "x=1", "+scale=mini", "+scale_recipe=mini_sft"]
+    mini = compose(["+scale=mini", "+recipe=stage2"])
+    assert mini == compose(["+recipe=stage2", "+scale=mini"])
+    assert (mini.model.name, mini.train.dtype, mini.train.steps, mini.data.name) == ("tiny", "fp32", 150, "demo")
+    assert compose(["+recipe=stage2", "+scale=mini", "train.steps=7"]).train.steps == 7  # the command line wins
 
 
 # ----------------------------------------------------------------------------- what SFT reads
