@@ -124,7 +124,7 @@ class Exaone45(nn.Module):
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where the module's forward reads a parameter it does not own:
         DeepSpeed ZeRO-3 only gathers a module's own parameters around its forward, so these are
-        registered with it (training.distributed.init_deepspeed)."""
+        registered with it (training/engine.py)."""
         return [(self.visual.patch_embed, self.visual.patch_embed.proj.weight), (self.head_loss, self.lm_head.weight)]
 
     def set_attn_impl(self, impl: str):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: install what is needed, build the demo corpus and tokenizer, and run the
-# EXAONE 4.5 recipe in miniature with the tiny model on 2 processes, each stage starting from the
-# previous stage's checkpoint:
+# EXAONE 4.5 recipe in miniature (+scale=mini: recipes/scale/mini.yaml, the tiny model on the demo
+# corpus) on 2 processes, each stage starting from the previous stage's checkpoint:
 #   stage 1 pretraining (torchrun, FSDP2) -> stage 2 pretraining (torchrun, FSDP2)
 #   -> chat SFT, two-stage curriculum (DeepSpeed's launcher, ZeRO-2) -> GRPO (torchrun, FSDP2)
 # then evaluates every stage's final checkpoint the same way and writes $OUT/report.md and
@@ -16,8 +16,8 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-out/demo}
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
-COMMON=(model=tiny data=demo wandb.group=demo)
-# the demo's lengths (the recipes' miniature defaults are 300 / 150 / 200 / 100 steps)
+COMMON=(+scale=mini wandb.group=demo)
+# the demo's lengths (the miniature's defaults, recipes/scale/mini.yaml, are 300 / 150 / 200 / 100 steps)
 STAGE1_ARGS=${STAGE1_ARGS-train.steps=250}
 SFT_ARGS=${SFT_ARGS-train.steps=160}
 START=$SECONDS
@@ -40,7 +40,7 @@ summary stage2
 
 echo "== sft: chat SFT, general -> reasoning curriculum, under DeepSpeed's launcher"
 $PY -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${SFT_PORT:-29511}" launch/sft.py \
-  +recipe=sft "${COMMON[@]}" run_dir="$OUT/sft" init_from="$OUT/stage2" ${SFT_ARGS:-}
+  +recipe=sft "${COMMON[@]}" parallel.engine=deepspeed run_dir="$OUT/sft" init_from="$OUT/stage2" ${SFT_ARGS:-}
 summary sft
 
 echo "== grpo: GRPO with zero-variance filtering and task rewards"

@@ -25,15 +25,16 @@ def heldout_loss(run) -> dict:
     loader.load_state_dict(start)
     # with context parallelism every rank of a cp group evaluates its dp rank's whole batches (the
     # group's ranks count them alike, which the ratios in loss_row cancel)
-    with whole_sequence_attention(run.model) if d.cp > 1 else nullcontext():
-        sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device)
+    with whole_sequence_attention(run.module) if d.cp > 1 else nullcontext():
+        sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device, run.module)
     return loss_row(all_reduce_sum(sums, d.device))
 
 
-def task_loss_sums(model, batches: Iterable, device) -> list[float]:
+def task_loss_sums(model, batches: Iterable, device, module=None) -> list[float]:
     """[loss sum, label tokens] per task of data.schema.TASKS, flattened, over `batches` (eval mode,
-    no gradients; the model's training mode is restored)."""
-    module = getattr(model, "module", model)
+    no gradients; the model's training mode is restored). `model` is what the forward goes through
+    (an engine's `model`), `module` the network itself (default: `model`)."""
+    module = module or model
     was_training = module.training
     sums = new_task_sums()
     module.eval()

@@ -13,11 +13,12 @@ evaluated the same way, on one process:
 - generation (training/generation_eval.py, greedy, non-reasoning prompts): boxed-math exact match,
   digit accuracy (digit-image chats), counting accuracy, grounding IoU over `--prompts` held-out
   prompts per task;
-- and the GRPO run's own held-out reward (rl/train.py's evaluation before and after GRPO).
+- and the GRPO run's own held-out evaluation before and after GRPO (rl/train.py HeldoutEval): accuracy
+  with the format reward excluded, sampled like the policy and greedy, and the reward.
 
 Then each stage's target metric (TARGETS) before and after it: stage 1 the held-out loss of its
 mixture's image-text and text tasks, stage 2 the tasks its mixture moves toward, SFT boxed-answer
-exact match, GRPO held-out reward.
+exact match, GRPO held-out accuracy (format excluded).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ TARGETS = {
     "stage1": ("held-out loss: caption, interleaved, ocr, document, text", "loss:caption,interleaved,ocr,document,text", False),
     "stage2": ("held-out loss: grounding, document, ocr, math, stem", "loss:grounding,document,ocr,math,stem", False),
     "sft": ("boxed-answer exact match: math, digits, counting", "gen:math,digits,counting", True),
-    "grpo": ("held-out GRPO reward (math, counting; reasoning on{decoding})", "grpo_reward", True),
+    "grpo": ("held-out accuracy, format excluded (math, counting; reasoning on{decoding})", "grpo_accuracy", True),
 }
 
 
@@ -103,10 +104,16 @@ def target_value(row: dict, key: str) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def grpo_rewards(run_dir: Path) -> tuple[Optional[float], Optional[float]]:
-    """The GRPO run's held-out reward before its first step and after its last."""
-    evals = [r for r in read_metrics(run_dir) if "eval/reward" in r]
-    return (evals[0]["eval/reward"], evals[-1]["eval/reward"]) if len(evals) >= 2 and evals[0]["step"] == 0 else (None, None)
+GRPO_EVALS = {"grpo_accuracy": "eval/accuracy", "grpo_accuracy_greedy": "eval/accuracy_greedy", "grpo_reward": "eval/reward"}
+
+
+def grpo_evals(run_dir: Path) -> tuple[dict, dict]:
+    """The GRPO run's own held-out evaluation (rl/train.py HeldoutEval) before its first step and
+    after its last: {name: value} for GRPO_EVALS, empty when the run has not both."""
+    evals = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
+    if len(evals) < 2 or evals[0]["step"] != 0:
+        return {}, {}
+    return tuple({name: row.get(key) for name, key in GRPO_EVALS.items()} for row in (evals[0], evals[-1]))
 
 
 def evaluate_stages(out: Path, stages: list[str], batches: int, prompts: int, max_new_tokens: int) -> dict[str, dict]:
@@ -114,25 +121,26 @@ def evaluate_stages(out: Path, stages: list[str], batches: int, prompts: int, ma
     from data.text import load_tokenizer
     from model.vlm import Exaone45
 
+    from .config import model_config
     from .export import load_for_inference
-    from .trainer import init_weights, model_config
 
     first = OmegaConf.load(out / stages[0] / "config.yaml")
     data_cfg = OmegaConf.to_container(first.data, resolve=True)
     data_cfg.pop("stages", None)
     tokenizer = load_tokenizer(data_cfg.get("tokenizer"))
-    torch.manual_seed(0)
+    torch.manual_seed(first.train.seed)  # stage 1's seeded initialization (training/parallelize.py seeded_init)
     init = Exaone45(model_config(first))
-    init_weights(init, init.cfg, first.train.seed)
+    init.init_weights()
     rows = {}
     for name in ("init", *stages):
         model = init.eval() if name == "init" else load_for_inference(str(out / name))[0]
         rows[name] = evaluate_model(model, tokenizer, data_cfg, batches, prompts, max_new_tokens)
         print(f"report: evaluated {name}", flush=True)
     if "grpo" in stages:
-        before, after = grpo_rewards(out / "grpo")
+        before, after = grpo_evals(out / "grpo")
         previous = stages[stages.index("grpo") - 1] if stages.index("grpo") else "init"
-        rows[previous]["grpo_reward"], rows["grpo"]["grpo_reward"] = before, after
+        rows[previous].update(before)
+        rows["grpo"].update(after)
     return rows
 
 
@@ -146,7 +154,8 @@ def write_markdown(out: Path, stages: list[str], rows: dict[str, dict], prompts:
     lines = [f"# Pipeline report: {out}", "",
              "Every checkpoint evaluated the same way (`python -m training.report`): held-out loss per task "
              "(each task's own held-out batches), greedy generation on "
-             f"{prompts} held-out prompts per task (non-reasoning prompts), and the GRPO run's held-out reward. "
+             f"{prompts} held-out prompts per task (non-reasoning prompts), and the GRPO run's own held-out "
+             "evaluation (accuracy with the format reward excluded, sampled and greedy, and the reward). "
              "`init` is the seeded initialization stage 1 starts from.", "",
              "## Each stage against its own target", "",
              "| stage | target | before | after | change | improved |", "|---|---|---|---|---|---|"]
@@ -167,12 +176,14 @@ def write_markdown(out: Path, stages: list[str], rows: dict[str, dict], prompts:
     for n in names:
         lines.append(f"| {n} | {_fmt(rows[n].get('eval/loss'))} | "
                      + " | ".join(_fmt(rows[n].get(f"eval/loss/{t}")) for t in tasks) + " |")
+    grpo_columns = {"grpo_accuracy": "GRPO accuracy", "grpo_accuracy_greedy": "GRPO accuracy (greedy)",
+                    "grpo_reward": "GRPO reward"}
     lines += ["", "## Held-out generation (higher is better)", "",
-              "| checkpoint | " + " | ".join(GEN_NAMES[t] for t in GEN_TASKS) + " | GRPO reward |",
-              "|---" * (len(GEN_TASKS) + 2) + "|"]
+              "| checkpoint | " + " | ".join([GEN_NAMES[t] for t in GEN_TASKS] + list(grpo_columns.values())) + " |",
+              "|---" * (len(GEN_TASKS) + len(grpo_columns) + 1) + "|"]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(_fmt(rows[n].get(f"gen/{t}")) for t in GEN_TASKS)
-                     + f" | {_fmt(rows[n].get('grpo_reward'))} |")
+        lines.append(f"| {n} | " + " | ".join([_fmt(rows[n].get(f"gen/{t}")) for t in GEN_TASKS]
+                                               + [_fmt(rows[n].get(k)) for k in grpo_columns]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(rows, indent=1))
@@ -234,12 +245,15 @@ def plot(out: Path, stages: list[str]) -> Path:
         reward.plot(x, _smooth(list(y), 5), color="C3", label="rollout batches, 5-step mean")
         held = [(r["step"], r["eval/reward"]) for r in grpo if "eval/reward" in r]
         if held:
-            reward.plot(*zip(*held), color="k", ls="--", marker="s", ms=5, label="held-out prompts")
+            reward.plot(*zip(*held), color="k", ls="--", marker="s", ms=5, label="held-out reward")
+        accuracy = [(r["step"], r["eval/accuracy"]) for r in grpo if "eval/accuracy" in r]
+        if accuracy:
+            reward.plot(*zip(*accuracy), color="C2", ls="--", marker="o", ms=5, label="held-out accuracy (format excluded)")
         x, y = zip(*[(r["step"], r["frac_zero_std_groups"]) for r in grpo if "frac_zero_std_groups" in r])
         zero.plot(x, y, color="C4", alpha=0.35, lw=0.8, label="per step")
         zero.plot(x, _smooth(list(y), 5), color="C4", label="5-step mean")
         zero.set_ylim(0, 1)
-    reward.set_title("GRPO: mean reward", fontsize=11)
+    reward.set_title("GRPO: reward and held-out accuracy", fontsize=11)
     zero.set_title("GRPO: share of zero-variance groups (dropped, refilled)", fontsize=11)
     for ax in (reward, zero):
         ax.set_xlabel("GRPO step")
@@ -257,7 +271,8 @@ def plot(out: Path, stages: list[str]) -> Path:
     return path
 
 
-SUMMARY_KEYS = ("loss", "eval/loss", "gen/math", "gen/digits", "gen/counting", "reward_mean", "eval/reward")
+SUMMARY_KEYS = ("loss", "eval/loss", "gen/math", "gen/digits", "gen/counting", "reward_mean", "eval/reward",
+                "eval/accuracy")
 
 
 def summary_line(run_dir: Path) -> str:
