@@ -59,7 +59,7 @@ def generate(
         ids[i, L - len(p) :] = torch.as_tensor(list(p), device=device)
         valid[i, L - len(p) :] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    cache = KVCache()
+    cache = KVCache(capacity=L + max_new_tokens, step=1)
     cache.slots, cache.valid = torch.arange(L, device=device).expand(B, L), valid
     h = model.embed(ids, pixel_values, image_grid_thw)
     logits = model.lm_head(model.language_model(h, model.rope(positions, h.dtype), None, cache)[:, -1])
@@ -115,7 +115,7 @@ def generate_speculative(
     if model.mtp is None:
         raise ValueError("generate_speculative needs a model with MTP layers (text_config.num_nextn_predict_layers > 0)")
     device = next(model.parameters()).device
-    cache = KVCache(extra=1)
+    cache = KVCache(capacity=len(prompt) + max_new_tokens + 2, extra=1, step=2)
     stop = set(stop_ids)
 
     def trunk(ids, start, pixels=None, grid=None):

@@ -15,34 +15,64 @@ from .layers import GatedMLP, RMSNorm, apply_rope
 
 
 class KVCache:
-    """Per-layer keys/values for generation, addressed by slot (the token's index in its row).
+    """Per-layer keys/values for generation, allocated once: global layers keep a slab of `capacity`
+    slots (every token fed), sliding layers a ring of their window - 1 + `extra` + `step` slots
+    (nothing further back is ever attended to again). Entries are addressed by slot, the token's
+    index in its row, which the attention mask reads (MaskSpec), so a ring's order never matters.
 
-    Before each step the caller sets `slots` and `valid` ([B, L_new]) of the tokens being fed.
-    Sliding layers keep only their last window - 1 slots, since nothing further back is ever
-    attended to again; global layers keep everything.
+    Before each step the caller sets `slots` and `valid` ([B, L_new]) of the tokens being fed. The
+    first update of a layer (the prompt) attends over the prompt itself and stores its last entries;
+    later ones (at most `step` tokens each) are written in place and attend over the stored ones.
+    `extra` slots stay beyond the window so the last `extra` entries can be dropped (`truncate`).
     """
 
-    def __init__(self, extra: int = 0):
-        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+    def __init__(self, capacity: int, extra: int = 0, step: int = 2):
+        self.capacity, self.extra, self.step = capacity, extra, step
+        self.layers: dict[int, dict] = {}
         self.slots: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
-        self.extra = extra  # slots kept beyond the window, so the last `extra` entries can be dropped
 
     def truncate(self, n: int) -> None:
         """Forget the last n entries of every layer (rejected speculative tokens)."""
-        self.layers = {i: tuple(t[:, :, :-n] if t.dim() == 4 else t[:, :-n] for t in entry) for i, entry in self.layers.items()}
+        for entry in self.layers.values():
+            for _ in range(n):
+                entry["written"] -= 1
+                entry["valid"][:, entry["written"] % entry["k"].shape[2]] = False
 
     def update(self, layer: int, k, v, window: Optional[int]):
-        slots, valid = self.slots, self.valid
-        if layer in self.layers:
-            pk, pv, ps, pval = self.layers[layer]
-            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-            slots, valid = torch.cat([ps, slots], 1), torch.cat([pval, valid], 1)
-        keep = k.shape[2] if window is None else max(window - 1, 0) + self.extra
-        start = max(k.shape[2] - keep, 0)
-        self.layers[layer] = (k[:, :, start:], v[:, :, start:], slots[:, start:], valid[:, start:])
+        new = k.shape[2]
+        entry = self.layers.get(layer)
+        if entry is None:  # the prompt: attend over it as it is, keep what later steps can see
+            size = self.capacity if window is None else min(self.capacity, max(window - 1, 0) + self.extra + self.step)
+            B, H, _, D = k.shape
+            entry = self.layers[layer] = {
+                "k": k.new_zeros(B, H, size, D), "v": v.new_zeros(B, H, size, D),
+                "slots": self.slots.new_full((B, size), -1), "valid": torch.zeros(B, size, dtype=torch.bool, device=k.device),
+                "written": 0, "ring": window is not None}
+            keep = min(new, size)
+            self._write(entry, k[:, :, new - keep:], v[:, :, new - keep:], self.slots[:, new - keep:],
+                        self.valid[:, new - keep:], new - keep)
+            keys, values, slots, valid = k, v, self.slots, self.valid
+        else:
+            if window is not None and new > self.step:
+                raise ValueError(f"KVCache: {new} tokens in one step; the sliding layers' ring takes at most {self.step}")
+            self._write(entry, k, v, self.slots, self.valid, entry["written"])
+            filled = entry["k"].shape[2] if window is not None else entry["written"]  # the slab's used part
+            keys, values = entry["k"][:, :, :filled], entry["v"][:, :, :filled]
+            slots, valid = entry["slots"][:, :filled], entry["valid"][:, :filled]
         zeros_q, zeros_k = torch.zeros_like(self.slots), torch.zeros_like(slots)
-        return k, v, MaskSpec(self.slots, slots, zeros_q, zeros_k, causal=True, k_valid=valid)
+        return keys, values, MaskSpec(self.slots, slots, zeros_q, zeros_k, causal=True, k_valid=valid)
+
+    @staticmethod
+    def _write(entry: dict, k, v, slots, valid, start: int) -> None:
+        """Entries start, start + 1, ... of the layer <- the given ones (modulo the size in a ring)."""
+        size, n = entry["k"].shape[2], k.shape[2]
+        if n > size or (not entry["ring"] and start + n > size):
+            raise ValueError(f"KVCache: {start + n} tokens exceed its capacity of {size}")
+        index = torch.arange(start, start + n, device=k.device) % size
+        entry["k"][:, :, index], entry["v"][:, :, index] = k, v
+        entry["slots"][:, index], entry["valid"][:, index] = slots, valid
+        entry["written"] = start + n
 
 
 class Attention(nn.Module):

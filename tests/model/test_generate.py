@@ -1,5 +1,6 @@
 """KV-cache generation equals transformers' greedy generate, token for token."""
 
+import pytest
 import torch
 from transformers import Exaone4_5_ForConditionalGeneration
 
@@ -53,17 +54,27 @@ def test_stop_token_and_sampling_reproducible(hf_pair):
 
 
 def test_sliding_cache_keeps_only_the_window():
-    cache = KVCache()
+    """Allocated once: the sliding layer's ring holds its window (the token and the window - 1 before
+    it), the global layer's slab every token; both attend exactly to what the mask allows."""
+    cache = KVCache(capacity=10, step=1)
     window = 4
+    keys = []
     for step in range(10):
         cache.slots = torch.tensor([[step]])
         cache.valid = torch.ones(1, 1, dtype=torch.bool)
         k = torch.randn(1, 1, 1, 2)
-        full_k, _, spec = cache.update(0, k, k, window)
-        assert full_k.shape[2] == min(step + 1, window)
-        cache.update(1, k, k, None)
-    assert cache.layers[0][0].shape[2] == window - 1
-    assert cache.layers[1][0].shape[2] == 10
+        keys.append(k)
+        ring_k, _, spec = cache.update(0, k, k, window)
+        seen = spec.dense(window)[0, 0, 0]  # what this step's query may attend to
+        assert ring_k.shape[2] == (1 if step == 0 else window) and int(seen.sum()) == min(step + 1, window)
+        attended = ring_k[0, 0][seen]
+        expected = torch.cat(keys[max(0, step - window + 1):], dim=2)[0, 0]
+        assert sorted(map(tuple, attended.tolist())) == sorted(map(tuple, expected.tolist()))
+        slab_k, _, _ = cache.update(1, k, k, None)
+        assert slab_k.shape[2] == step + 1 and torch.equal(slab_k, torch.cat(keys, dim=2))
+    assert cache.layers[0]["k"].shape[2] == window and cache.layers[1]["k"].shape[2] == 10
+    with pytest.raises(ValueError, match="capacity"):
+        cache.update(1, k, k, None)  # an 11th token in a slab of 10
 
 
 def test_mtp_speculative_decoding_equals_greedy():
