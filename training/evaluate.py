@@ -3,18 +3,20 @@ or of any model on any batches (training/report.py)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 
-from .context_parallel import whole_sequence_attention
 from .distributed import all_reduce_sum
 
 
 def heldout_loss(run) -> dict:
-    """{'eval/loss': ..., 'eval/loss/<task>': ...} over cfg.eval.batches held-out batches per rank."""
+    """{'eval/loss': ..., 'eval/loss/<task>': ...} over cfg.eval.batches held-out batches per rank,
+    each forward the training step's (under context parallelism every rank of a cp group computes its
+    shard of the sequence, as in training)."""
     from data.mixture import build_loader
+
+    from .trainer import model_forward
 
     cfg, d = run.cfg, run.d
     if run.heldout is None:  # the same held-out batches at every evaluation
@@ -23,27 +25,34 @@ def heldout_loss(run) -> dict:
         run.heldout = (loader, loader.state_dict())
     loader, start = run.heldout
     loader.load_state_dict(start)
-    # with context parallelism every rank of a cp group evaluates its dp rank's whole batches (the
-    # group's ranks count them alike, which the ratios in loss_row cancel)
-    with whole_sequence_attention(run.module) if d.cp > 1 else nullcontext():
-        sums = task_loss_sums(run.model, (b for _, b in zip(range(cfg.eval.batches), loader)), d.device, run.module)
-    return loss_row(all_reduce_sum(sums, d.device))
+    forward = lambda batch: model_forward(run, batch)  # noqa: E731
+    return loss_row(all_reduce_sum(task_loss_sums(forward, (b for _, b in zip(range(cfg.eval.batches), loader)), run.module),
+                                   d.device))
 
 
-def task_loss_sums(model, batches: Iterable, device, module=None) -> list[float]:
-    """[loss sum, label tokens] per task of data.schema.TASKS, flattened, over `batches` (eval mode,
-    no gradients; the model's training mode is restored). `model` is what the forward goes through
-    (an engine's `model`), `module` the network itself (default: `model`)."""
-    module = module or model
+def model_sums(model, batches: Iterable, device) -> list[float]:
+    """task_loss_sums of a plain model (one process) over `batches` on `device`."""
+
+    def forward(batch):
+        batch = batch.to(device)
+        out = model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
+                    position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
+        return out, batch.task_ids
+
+    return task_loss_sums(forward, batches, model)
+
+
+def task_loss_sums(forward, batches: Iterable, module) -> list[float]:
+    """[loss sum, label tokens] per task of data.schema.TASKS, flattened, over `batches`;
+    `forward(batch)` -> (model output, the task ids of its tokens). Eval mode, no gradients; the
+    module's training mode is restored."""
     was_training = module.training
     sums = new_task_sums()
     module.eval()
     with torch.no_grad():
         for batch in batches:
-            batch = batch.to(device)
-            out = model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
-                        position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, return_logits=False)
-            add_task_losses(sums, out.token_loss, batch.task_ids)
+            out, task_ids = forward(batch)
+            add_task_losses(sums, out.token_loss, task_ids)
     module.train(was_training)
     return sums.flatten().tolist()
 

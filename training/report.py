@@ -72,7 +72,7 @@ def evaluate_model(model, tokenizer, data_cfg: dict, batches: int = 2, prompts: 
     """Held-out loss per task and generation metrics of one model (one process)."""
     from data.mixture import build_loader, heldout_sources, to_data_config
 
-    from .evaluate import loss_row, task_loss_sums
+    from .evaluate import loss_row, model_sums
     from .generation_eval import evaluate_generation
 
     cfg = to_data_config(data_cfg)
@@ -81,7 +81,7 @@ def evaluate_model(model, tokenizer, data_cfg: dict, batches: int = 2, prompts: 
     for source in heldout_sources(cfg, list(cfg.sources or TASKS)):  # every source with a held-out split
         loader = build_loader({**data_cfg, "mixture": {source: 1.0}}, tokenizer=tokenizer, rank=0, world_size=1, seed=0,
                               micro_batch_size=4, seq_len=cfg.seq_len, split="heldout")
-        part = task_loss_sums(model, (b for _, b in zip(range(batches), loader)), device)
+        part = model_sums(model, (b for _, b in zip(range(batches), loader)), device)
         sums = [a + b for a, b in zip(sums, part)]
     row = loss_row(sums)
     if prompts:

@@ -119,22 +119,31 @@ def save_checkpoint(run: Run) -> None:
 # --- the pretraining / SFT step -------------------------------------------------------------------
 
 
-def forward_loss(run: Run, batch, global_tokens: float, global_mtp_tokens: float):
-    """This micro-batch's share of the step loss, normalized by the real label tokens of the whole
-    step across ranks and micro-batches (then scaled by the ranks the engine averages over)."""
+def model_forward(run: Run, batch):
+    """(model output, task ids of the tokens it holds) of a packed batch: the whole batch, or with
+    context parallelism this rank's shard of it (targets and positions computed before sharding)."""
     batch = batch.to(run.d.device)
-    if run.d.cp > 1:
-        from .context_parallel import shard_batch
-
-        ids, shard = shard_batch(run.module, batch, run.d.cp_group())
-        out = run.model(ids, shard=shard)
-    else:
+    if run.d.cp == 1:
         out = run.model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, labels=batch.labels,
                         position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+        return out, batch.task_ids
+    from .context_parallel import local_token_index, shard_batch
+
+    ids, shard = shard_batch(run.module, batch, run.d.cp_group())
+    task_ids = batch.task_ids
+    return run.model(ids, shard=shard), task_ids[:, local_token_index(task_ids.shape[1], run.d.cp, run.d.cp_rank,
+                                                                      task_ids.device)]
+
+
+def forward_loss(run: Run, batch, global_tokens: float, global_mtp_tokens: float):
+    """This micro-batch's share of the step loss, normalized by the real label tokens of the whole
+    step across ranks and micro-batches (then scaled by the ranks the engine averages over), the
+    model output and its tokens' task ids."""
+    out, task_ids = model_forward(run, batch)
     loss = out.lm_loss_sum / max(global_tokens, 1)
     if out.mtp_loss_sum is not None:
         loss = loss + run.module.cfg.mtp_loss_weight * out.mtp_loss_sum / max(global_mtp_tokens, 1)
-    return loss * run.engine.loss_scale, out
+    return loss * run.engine.loss_scale, out, task_ids
 
 
 def pretrain_step(run: Run) -> dict:
@@ -151,7 +160,7 @@ def pretrain_step(run: Run) -> dict:
     stats, finite = {"lm": 0.0, "mtp": 0.0, "task": new_task_sums()}, True
     for k, batch in enumerate(batches):
         last = k == len(batches) - 1
-        loss, out = forward_loss(run, batch, counts[0], counts[1])
+        loss, out, task_ids = forward_loss(run, batch, counts[0], counts[1])
         finite = finite and all_reduce_sum([float(not torch.isfinite(loss))], d.device)[0] == 0
         if not finite:
             engine.backward_nothing(last)
@@ -159,7 +168,7 @@ def pretrain_step(run: Run) -> dict:
         engine.backward(loss, last)
         stats["lm"] += out.lm_loss_sum.item()
         stats["mtp"] += out.mtp_loss_sum.item() if out.mtp_loss_sum is not None else 0.0
-        _loss_per_task(out, batch, stats["task"], d)
+        add_task_losses(stats["task"], out.token_loss, task_ids)
     grad_norm, finite = engine.step(finite)
     lm, mtp = all_reduce_sum([stats["lm"], stats["mtp"]], d.device)
     lm_loss, mtp_loss = lm / max(counts[0], 1), mtp / max(counts[1], 1)
@@ -173,17 +182,6 @@ def _mtp_tokens(batch) -> int:
     from model.vlm import prepare_inputs
 
     return int((prepare_inputs(batch.input_ids, batch.labels, batch.cu_seqlens).mtp_targets != -100).sum())
-
-
-def _loss_per_task(out, batch, sums, d: Dist) -> None:
-    if out.token_loss is None:
-        return
-    task_ids = batch.task_ids
-    if d.cp > 1:  # this rank's tokens of the sequence
-        from .context_parallel import local_token_index
-
-        task_ids = task_ids[:, local_token_index(task_ids.shape[1], d.cp, d.cp_rank, task_ids.device)]
-    add_task_losses(sums, out.token_loss, task_ids)
 
 
 # --- the loop -------------------------------------------------------------------------------------
