@@ -432,8 +432,17 @@ def _leave_sigterm_to_the_rank(worker_id: int) -> None:
     """A scheduler's SIGTERM (SLURM's scancel, Kubernetes) reaches every process of the job, the
     data-loader workers too: they ignore it, so their rank can finish its step, agree on stopping
     with the other ranks and checkpoint (training/trainer.py), then end them itself. A worker killed
-    by the signal would instead make the rank raise "DataLoader worker ... is killed by signal"."""
+    by the signal would instead make the rank raise "DataLoader worker ... is killed by signal".
+    Since they no longer die of SIGTERM, they die with their rank instead (Linux: the kernel sends
+    them SIGKILL when it exits, however it exits): an orphaned worker with batches nobody reads would
+    block forever flushing its queue, holding the job's pipes open."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the DataLoader's own parent watchdog remains
+        pass
 
 
 class Loader(_Stateful):

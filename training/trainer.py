@@ -204,7 +204,8 @@ def train(run: Run, step: Callable[[Run], dict] = pretrain_step, evaluate: Optio
     if evaluate is not None and at_start and run.step == 0:
         run.metrics.log({"step": 0, **evaluate(run)})  # the starting point of the held-out curves
     clock = Throughput()
-    while run.step < last and not _stop_requested(run):
+    stop = _stop_requested(run)  # a SIGTERM during set-up or the first evaluation: nothing new to save
+    while run.step < last and not stop:
         lr = run.optimizer.param_groups[0]["lr"]
         result = step(run)
         run.scheduler.step()
@@ -230,8 +231,12 @@ def train(run: Run, step: Callable[[Run], dict] = pretrain_step, evaluate: Optio
                 row.update(evaluate(run))
                 clock.lap()  # evaluation time is not training throughput
             run.metrics.log(row)
-        if run.step % cfg.checkpoint.every == 0 or run.step == last or run.preempted:
+        stop = _stop_requested(run)  # the ranks' agreed verdict: a rank's own flag alone would split the collectives
+        if run.step % cfg.checkpoint.every == 0 or run.step == last or stop:
             save_checkpoint(run)
+    if run.data_iter is not None:
+        run.data_iter.close()  # shuts the data-loader workers down (data/mixture.py Loader.__iter__)
+        run.data_iter = None
     if run.preempted and d.is_main:
         print(f"{cfg.stage}: stopped by SIGTERM after step {run.step} (checkpoint saved); rerun the same command "
               "to resume", flush=True)
@@ -239,8 +244,9 @@ def train(run: Run, step: Callable[[Run], dict] = pretrain_step, evaluate: Optio
 
 
 def _stop_requested(run: Run) -> bool:
-    """SIGTERM reached any rank (a scheduler signals every process, or one): every rank learns it
-    here, before the next step, so all of them checkpoint the same step and exit together."""
+    """Whether SIGTERM reached any rank (a scheduler signals every process, or one), agreed by all
+    of them in one collective after each step, so that all checkpoint the same step and exit
+    together. Every decision to stop reads this, never a rank's own flag."""
     if run.d.world > 1:
         run.preempted = all_reduce_max([float(run.preempted)], run.d.device)[0] > 0
     return run.preempted
