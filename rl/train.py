@@ -28,7 +28,8 @@ from rl.update import update
 from training.config import RLCfg
 from training.decoding import Sampling, decode, decoding, sample
 from training.distributed import reduce_metrics
-from training.rewards import LIMIT_REASONS, REWARDS, pop_limit_counts
+from training.math_answers import LIMIT_REASONS, pop_limit_counts
+from training.rewards import REWARDS
 from training.trainer import Run, train as train_loop
 
 

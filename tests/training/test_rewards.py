@@ -8,8 +8,8 @@ inputs. Right answers must score exactly 1.0 and wrong ones exactly 0.0.
 
 import pytest
 
-from training.rewards import (MAX_COMPLETION_CHARS, REWARDS, box_iou, final_box, last_boxed,
-                              levenshtein, parse_boxes, pop_limit_counts, score)
+from training.math_answers import MAX_COMPLETION_CHARS, pop_limit_counts
+from training.rewards import REWARDS, box_iou, final_box, last_boxed, levenshtein, parse_boxes, score
 
 MALFORMED = [
     "",
