@@ -447,9 +447,37 @@ def _log_tail(path: Path, lines: int = 40) -> str:
     return f"{head}\n--- last {min(lines, len(text))} lines of {path} ---\n" + "\n".join(text[-lines:])
 
 
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def _mapped_shm(pgid: int) -> set[str]:
+    """The /dev/shm files the processes of a group have mapped (vLLM's message queues)."""
+    files = set()
+    for pid in _group_pids(pgid):
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        for fields in map(str.split, lines):  # address perms offset dev inode [path]
+            if len(fields) >= 6 and fields[5].startswith("/dev/shm/"):
+                files.add(fields[5])
+    return files
+
+
 def _kill_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGKILL the server's process group (it is the leader: start_new_session) and wait until it is
-    empty: vLLM's engine processes do not exit when the server is killed."""
+    """SIGKILL the server's process group (it is the leader: start_new_session), wait until it is
+    empty (vLLM's engine processes do not exit when the server is killed), then remove the shared
+    memory they had mapped: killed, they leave vLLM's /dev/shm message queues (160-250 MB each)
+    behind, which only a clean shutdown unlinks."""
+    shm = _mapped_shm(proc.pid)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -458,6 +486,11 @@ def _kill_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
             break
         proc.poll()  # reap the leader, or the group never empties
         time.sleep(0.05)
+    for path in shm:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 # Strong references: an engine dropped without stop() is still stopped at exit.

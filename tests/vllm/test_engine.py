@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.generate import _filter_logits, generate
-from rl.vllm_engine import EngineError
+from rl.vllm_engine import EngineError, _mapped_shm
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -124,8 +124,11 @@ def test_seeded_prompts_beyond_one_prefill_step(engine):
 
 def test_hung_then_killed_server_is_a_clear_error(engine):
     """Last in the module: it kills the module's engine. A stopped (hung) server times out with
-    EngineError; a killed one fails at once, and its orphaned engine processes are ended."""
+    EngineError; a killed one fails at once, and its orphaned engine processes are ended and their
+    shared memory removed."""
     pid = engine.proc.pid
+    shm = _mapped_shm(pid)
+    assert shm
     os.kill(pid, signal.SIGSTOP)
     try:
         with pytest.raises(EngineError, match="did not answer /generate within 2 s"):
@@ -138,3 +141,4 @@ def test_hung_then_killed_server_is_a_clear_error(engine):
         engine.generate(PROMPTS[:1], max_new_tokens=4)
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+    assert not any(os.path.exists(f) for f in shm)
