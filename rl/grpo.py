@@ -34,6 +34,8 @@ def group_std(rewards: torch.Tensor) -> torch.Tensor:
     verl uses the unbiased std; the population std makes every non-constant group's advantages
     have unit root-mean-square whatever G is, and the same std drives the zero-variance filter.
     """
+    if rewards.shape[-1] == 0 or rewards.numel() == 0:  # no groups (a step whose groups were all filtered)
+        return rewards.new_zeros(rewards.shape[:-1])
     return rewards.std(dim=-1, unbiased=False)
 
 

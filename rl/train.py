@@ -159,7 +159,7 @@ def rollout_sums(generated: RolloutGroups, kept: RolloutGroups, rl: RLCfg) -> di
 def rollout_metrics(total: dict[str, float], mixture: dict) -> dict:
     """The logged rollout metrics from the all-reduced sums: rewards (mean, std, per reward, per
     task), training-time correctness, lengths, the filter's verdict, groups kept per task (every
-    task of the mixture, 0 included), what the rewards cut, throughput."""
+    task generated or in the mixture, 0 included), what the rewards cut, throughput."""
     n = max(total["n"], 1)
     mean = total["reward"] / n
     row = {"reward_mean": mean, "reward_std": math.sqrt(max(total["reward_sq"] / n - mean * mean, 0.0)),
@@ -175,7 +175,7 @@ def rollout_metrics(total: dict[str, float], mixture: dict) -> dict:
         if total[f"n_task/{task}"]:
             row[f"reward_task/{task}"] = total[f"reward_task/{task}"] / total[f"n_task/{task}"]
             row[f"accuracy/{task}"] = total[f"accuracy/{task}"] / total[f"n_task/{task}"]
-        if total[f"train_groups/{task}"] or mixture.get(task, 0) > 0:
+        if total[f"n_task/{task}"] or mixture.get(task, 0) > 0:  # generated (or in the mixture): 0 included
             row[f"train_groups/{task}"] = int(total[f"train_groups/{task}"])
     row.update({k: int(v) for k, v in total.items() if k.startswith("reward_cut/") and v})
     return row
