@@ -124,6 +124,21 @@ class ScaleCfg:
 
 
 @dataclass
+class VLLMCfg:
+    """`rl.rollout_engine=vllm`: the rollout server one local rank 0 per node starts (rl/rollout_engine.py)."""
+
+    tensor_parallel_size: int = 1  # GPUs one engine spans (1 on CPU)
+    gpu_memory_utilization: float = 0.1  # vLLM's; on CPU the share of host memory it reserves (0.92 fails there)
+    kv_cache_gib: Optional[float] = 1.0  # per engine; None: vLLM sizes it (GPU: from gpu_memory_utilization)
+    max_model_len: Optional[int] = None  # None: rl.max_prompt_tokens + rl.max_new_tokens
+    port: Optional[int] = None  # None: a free one, sent to the node's other ranks
+    python: Optional[str] = None  # the venv's interpreter; None: $EXAONE_VLLM_PYTHON, else .venv-vllm/bin/python
+    speculative_mtp: int = 0  # MTP draft tokens per step; 0: off (needs the VLM class: GPU only, unverified)
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0  # one rollout request or weight sync; longer counts as a hung server
+
+
+@dataclass
 class RLCfg:
     """GRPO (launch/grpo.py, rl/): the algorithm's knobs (rl/grpo.py) and the loop's (rl/train.py)."""
 
@@ -155,8 +170,8 @@ class RLCfg:
     top_k: int = 0  # 0: off
     presence_penalty: float = 0.0
     max_new_tokens: int = 1024
-    rollout_engine: str = "native"  # native (model/generate.py) | vllm (rl/vllm_engine.py)
-    vllm_tensor_parallel_size: int = 8  # vLLM: GPUs one engine spans (one engine per node of 8 by default)
+    rollout_engine: str = "native"  # native (model/generate.py) | vllm (rl/rollout_engine.py, one server per node)
+    vllm: VLLMCfg = field(default_factory=VLLMCfg)  # the vLLM server's settings (rollout_engine=vllm)
     # rewards: {task: {reward: weight}} (training/rewards.py); a task's entry replaces its default
     reward_weights: dict[str, dict[str, float]] = field(default_factory=default_reward_weights)
     # the loop
@@ -315,6 +330,11 @@ def _check_rl(rl: RLCfg) -> None:
     for key in ("loss_agg", "on_underfilled", "rollout_engine"):
         if getattr(rl, key) not in CHOICES[f"rl.{key}"]:
             raise _error(f"rl.{key}", f"{getattr(rl, key)!r} is not one of {CHOICES[f'rl.{key}']}")
+    v = rl.vllm
+    if not (v.tensor_parallel_size >= 1 and 0 < v.gpu_memory_utilization <= 1 and v.speculative_mtp >= 0
+            and (v.kv_cache_gib is None or v.kv_cache_gib > 0) and (v.max_model_len is None or v.max_model_len > 0)):
+        raise _error("rl.vllm", f"need tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, kv_cache_gib > 0 "
+                     f"or null, max_model_len > 0 or null, speculative_mtp >= 0; got {v}")
     if rl.group_size < 2:
         raise _error("rl.group_size", "must be >= 2: one completion has no variance")
     for key in ("max_gen_batches", "train_prompts_per_step", "rollout_prompts_per_batch", "update_epochs",

@@ -178,7 +178,7 @@ def grpo_phases(cfg, mcfg, dp: int) -> dict[str, dict]:
     batch = rl.generation_batch_size
     cache = kv_cache_bytes(tc, batch, length, compute) / GIB
     if rl.rollout_engine == "vllm":
-        tp = rl.vllm_tensor_parallel_size
+        tp = rl.vllm.tensor_parallel_size
         decode["vllm_weights"] = n * 2 / tp / GIB
         decode["vllm_kv_cache"] = cache / tp
     else:
