@@ -106,10 +106,14 @@ class Engine:
         dcp.load(state, checkpoint_id=str(Path(path) / "model"))
         set_model_state_dict(self.module, state["model"], options=StateDictOptions(strict=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model under our parameter names on rank 0's CPU (an empty dict elsewhere); every
-        rank must call it."""
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def full_state_dict(self, ranks: tuple[int, ...] = (0,)) -> dict[str, torch.Tensor]:
+        """The whole model under our parameter names on the CPU of the global `ranks` (rank 0 by
+        default; the vLLM weight sync asks for every node's local rank 0), an empty dict elsewhere.
+        Gathered tensor by tensor; every rank must call it."""
+        from torch.distributed._state_dict_utils import _gather_state_dict
+
+        # what get_model_state_dict(full_state_dict=True, cpu_offload=True) does, for any set of ranks
+        state = _gather_state_dict(get_model_state_dict(self.module), cpu_offload=True, ranks_only=tuple(ranks))
         return {k.replace(WRAPPED, ""): v for k, v in state.items()}
 
     # --- decoding ------------------------------------------------------------------------------
@@ -197,11 +201,14 @@ class DeepSpeedEngine(Engine):
                                       "or resumes through its own checkpoint")
         super().load_model(path)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, ranks: tuple[int, ...] = (0,)) -> dict[str, torch.Tensor]:
         if not self.zero3:
-            return super().full_state_dict()
-        # gathered layer by layer, in the parameters' own dtype despite the method's name
-        state = self.engine._zero3_consolidated_16bit_state_dict()
+            return super().full_state_dict(ranks)
+        if tuple(ranks) == (0,):
+            # gathered layer by layer, in the parameters' own dtype despite the method's name
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = _zero3_gathered(self.module, self.d.rank in ranks)
         return {k.replace(WRAPPED, ""): v for k, v in (state or {}).items()}
 
     @contextmanager
@@ -215,6 +222,26 @@ class DeepSpeedEngine(Engine):
         # gather every partition once (ZeRO-3's per-module hooks would gather per token)
         with torch.no_grad(), deepspeed.zero.GatheredParameters(list(self.module.parameters())):
             yield decoding_copy(self.module)
+
+
+def _zero3_gathered(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """ZeRO-3's partitions gathered one module at a time (collective on every rank), copied to the
+    CPU where `keep`: `_zero3_consolidated_16bit_state_dict` without its rank-0-only copy."""
+    import deepspeed
+
+    out = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False))):
+            if keep:
+                out.update({prefix + n: p.detach().cpu().clone() for n, p in m.named_parameters(recurse=False)})
+                out.update({prefix + n: b.detach().cpu().clone() for n, b in m.named_buffers(recurse=False)
+                            if n not in m._non_persistent_buffers_set})
+        for name, child in m.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(module, "")
+    return out
 
 
 def decoding_copy(module: Exaone45) -> Exaone45:
