@@ -187,6 +187,22 @@ def iter_tar(path: str, start: int = 0) -> Iterator[RawSample]:
             yield RawSample(path, index, key, members)
 
 
+def first_image_member(paths: Iterable[str]) -> Optional[str]:
+    """`<shard>:<member>` of the first image in the shards (a member other than a sample's .json),
+    or None: whether a source holds any image at all, read from the tar headers alone (no member
+    data). Shards that cannot be read are passed over (the reader counts them)."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for name, _, _ in _tar_members(f, path):
+                    match = _KEY_EXT.match(name)
+                    if match and match.group(2) != "json":
+                        return f"{path}:{name}"
+        except (OSError, ShardError):
+            continue
+    return None
+
+
 def _rng(*parts) -> np.random.Generator:
     words = [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
     return np.random.default_rng(np.random.SeedSequence(words))

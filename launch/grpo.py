@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 2 launch/grpo.py +recipe=grpo +scale=mini init_from=out/sft
     torchrun --nproc_per_node 2 launch/grpo.py +recipe=grpo +scale=mini init_from=out/sft rl.kl_coef=0.01 rl.update_epochs=2
     WORLD_SIZE=64 python launch/grpo.py +recipe=grpo dry_run=true     # the 33B layout: training and decoding memory
+    torchrun --nproc_per_node 2 launch/grpo.py +recipe=grpo +scale=mini init_from=out/sft rl.rollout_engine=vllm \
+        data.stages.grpo.counting=0   # rollouts on vLLM (bash scripts/setup.sh vllm); on CPU text-only data only
 
 Every GRPO knob is under `rl:` (training.config.RLCfg lists them with their defaults); any key is
 overridable. Without init_from the policy starts from the seeded initialization (a smoke run only).
@@ -31,9 +33,11 @@ def main(cfg: DictConfig) -> None:
 
         dry_run(cfg)
         return
+    from rl.rollout_engine import check_rollout_engine
     from rl.train import prompt_loader, train
     from training.trainer import setup
 
+    check_rollout_engine(cfg)  # vLLM on CPU and images in the data: fail before the model loads
     rl = rl_config(cfg.rl)
     run = setup(cfg, prompt_loader(rl))
     train(run, rl)

@@ -1,15 +1,15 @@
 """GRPO rollouts: prompts from the shards, G sampled completions per prompt, task rewards.
 
     prompts = PromptStream(cfg.data, tokenizer, rank, world_size, seed)  # resumable, this rank's share
-    with decoding(run.engine) as model:          # full parameters on this rank, no collective inside
-        groups = generate_groups(model, prompts.take(n), grpo, tokenizer, generator)
+    with rollouts.session() as generate:         # rl/rollout_engine.py: native or vLLM, no collective inside
+        groups = generate_groups(generate, prompts.take(n), grpo, tokenizer, generator=generator)
     groups.rewards                               # [n, G] weighted task rewards (training/rewards.py `score`)
     groups.items[i]                              # Rollout: the prompt, its G completions, reward parts
 
 Prompts are rendered with the chat template and its generation prompt (reasoning on by default:
 the prompt ends in `<think>\\n`), images included. Generation runs on a model whose parameters are
-whole on every rank (`training.decoding.decoding`), so ranks generate independently
-and may stop after different numbers of tokens.
+whole on every rank (`training.decoding.decoding`) or on a vLLM server, so ranks generate
+independently and may stop after different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import torch
 
 from data.mixture import build_sample_stream, iter_heldout, to_data_config
 from data.text import Prompt, render_grpo_prompt
-from model.vlm import Exaone45
 from rl.grpo import RolloutGroups
 from training.config import RLCfg
-from training.decoding import Sampling, decode, sample
+from training.decoding import Sampling, decode
 from training.rewards import REWARDS, score
 from training.tasks import correctness_reward
 
@@ -42,6 +41,7 @@ class Rollout:
     parts: list[dict[str, float]] = field(default_factory=list)  # reward name -> unweighted value
     correct: list[float] = field(default_factory=list)  # the task's correctness reward (training/tasks.py)
     signal: list[float] = field(default_factory=list)  # what the zero-variance filter reads (rl.filter_on)
+    logprobs: list[list[float]] = field(default_factory=list)  # per sampled token, under the distribution sampled from
 
     @property
     def task(self) -> str:
@@ -127,7 +127,7 @@ def judge(text: str, prompt: Prompt, rl: RLCfg, enable_thinking: bool) -> tuple[
 
 
 def score_groups(prompts: list[Prompt], tokens: list[list[int]], finished: list[bool], rl: RLCfg, tokenizer, *,
-                 stop_id: int, enable_thinking: bool = True) -> RolloutGroups:
+                 stop_id: int, enable_thinking: bool = True, logprobs: Optional[list[list[float]]] = None) -> RolloutGroups:
     """Groups of G = rl.group_size completions per prompt (prompt i's are tokens[i*G : (i+1)*G]), scored."""
     G = rl.group_size
     items = []
@@ -135,16 +135,16 @@ def score_groups(prompts: list[Prompt], tokens: list[list[int]], finished: list[
         toks, done = tokens[i * G : (i + 1) * G], finished[i * G : (i + 1) * G]
         texts = [decode(tokenizer, t, stop_id) for t in toks]
         judged = [judge(t, prompt, rl, enable_thinking) for t in texts]
-        items.append(Rollout(prompt, toks, done, texts, *(list(x) for x in zip(*judged))))
+        items.append(Rollout(prompt, toks, done, texts, *(list(x) for x in zip(*judged)),
+                             logprobs=[] if logprobs is None else logprobs[i * G : (i + 1) * G]))
     as_tensor = lambda key: torch.tensor([getattr(item, key) for item in items], dtype=torch.float32).view(len(items), G)  # noqa: E731
     return RolloutGroups(as_tensor("rewards"), items, as_tensor("signal"))
 
 
-def generate_groups(model: Exaone45, prompts: list[Prompt], rl: RLCfg, tokenizer, *,
-                    generator: Optional[torch.Generator] = None, stop_id: int = 53, pad_id: int = 0,
-                    batch_size: int = 64, enable_thinking: bool = True) -> RolloutGroups:
-    """G = rl.group_size sampled completions per prompt by our decoder, scored: rewards [len(prompts), G]."""
-    repeated = [p for p in prompts for _ in range(rl.group_size)]
-    tokens, _, finished = sample(model, repeated, sampling(rl), stop_id=stop_id, pad_id=pad_id,
-                                 generator=generator, batch_size=batch_size)
-    return score_groups(prompts, tokens, finished, rl, tokenizer, stop_id=stop_id, enable_thinking=enable_thinking)
+def generate_groups(generate, prompts: list[Prompt], rl: RLCfg, tokenizer, *, generator: Optional[torch.Generator] = None,
+                    stop_id: int = 53, enable_thinking: bool = True) -> RolloutGroups:
+    """G = rl.group_size sampled completions per prompt, scored: rewards [len(prompts), G]. `generate`
+    is a rollout engine's (rl/rollout_engine.py `session()`)."""
+    tokens, logprobs, finished = generate(prompts, sampling(rl), n=rl.group_size, generator=generator)
+    return score_groups(prompts, tokens, finished, rl, tokenizer, stop_id=stop_id, enable_thinking=enable_thinking,
+                        logprobs=logprobs)

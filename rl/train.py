@@ -1,6 +1,8 @@
 """GRPO on the trainer's loop (training/trainer.py `train`: SIGTERM, the last step, evaluation at the
 start and the end, logging, checkpoints): its step is rollouts -> the zero-variance filter with a
-capped refill -> the update (rl/update.py) on the engine's one optimizer step.
+capped refill -> the update (rl/update.py) on the engine's one optimizer step -> the rollout
+engine's weight sync (rl/rollout_engine.py: native, or a vLLM server per node, stopped at the end
+of the run and on errors).
 
     rl = rl_config(cfg.rl)                  # training.config: the `rl` node, checked
     run = setup(cfg, prompt_loader(rl))     # training.trainer.setup: engine, init_from, resume
@@ -24,9 +26,10 @@ import torch
 from data.schema import TASKS
 from rl.grpo import RolloutGroups, UnderfilledBatchWarning, fill_train_batch
 from rl.rollout import PromptStream, generate_groups, heldout_prompts, judge, sampling
+from rl.rollout_engine import build_rollouts
 from rl.update import update
 from training.config import RLCfg
-from training.decoding import Sampling, decode, decoding, sample
+from training.decoding import Sampling, decode
 from training.distributed import reduce_metrics
 from training.math_answers import LIMIT_REASONS, pop_limit_counts
 from training.rewards import REWARDS
@@ -50,18 +53,24 @@ def train(run: Run, rl: RLCfg) -> None:
     # Every trainable parameter gets a gradient at every step, text-only ones included (a blank image
     # through the vision tower, times zero): the optimizer state then covers every parameter from the
     # first step, as a checkpoint's must for resuming, and data-parallel ranks run the same collectives.
-    step = GRPOStep(run, rl)
-    evaluate = HeldoutEval(run, rl) if rl.eval_prompts_per_source > 0 else None
-    train_loop(run, step, evaluate, at_start=rl.eval_at_start, at_end=True)
+    rollouts = build_rollouts(run, rl)
+    try:
+        step = GRPOStep(run, rl, rollouts)
+        evaluate = HeldoutEval(run, rl, rollouts) if rl.eval_prompts_per_source > 0 else None
+        train_loop(run, step, evaluate, at_start=rl.eval_at_start, at_end=True)
+    finally:
+        rollouts.close()
 
 
 class GRPOStep:
-    """One GRPO step: `step(run)` -> the row's metrics (rollouts, filter, update), `finite`, `tokens`."""
+    """One GRPO step: `step(run)` -> the row's metrics (rollouts, filter, update, weight sync),
+    `finite`, `tokens`. `rollout/sync_s` is the sync's seconds (0 natively), `rollout/sync_gb` what a
+    node's local rank 0 wrote, `rollout/logprob_diff_max` rl/update.py's check of the engine."""
 
-    def __init__(self, run: Run, rl: RLCfg):
+    def __init__(self, run: Run, rl: RLCfg, rollouts):
         from training.parallelize import frozen_copy
 
-        self.rl = rl
+        self.rl, self.rollouts = rl, rollouts
         # per rank: different samples; restored with the checkpoint
         self.generator = torch.Generator(device=run.d.device).manual_seed(run.cfg.train.seed * 1_000_003 + run.d.rank)
         if "generator" in run.extra_state:
@@ -70,17 +79,20 @@ class GRPOStep:
 
     def __call__(self, run: Run) -> dict:
         start = time.perf_counter()
-        groups, rollout = collect(run, self.rl, self.generator)
+        groups, rollout = collect(run, self.rl, self.generator, self.rollouts)
         run.extra_state["generator"] = self.generator.get_state()
         update_start = time.perf_counter()
         result = update(run, groups, self.rl, self.reference)
-        seconds = reduce_metrics({}, run.d.device, {"update": time.perf_counter() - update_start,
-                                                    "step": time.perf_counter() - start})
+        update_s = time.perf_counter() - update_start
+        sync = self.rollouts.sync(run)  # every step: the next rollout samples the weights just trained
+        seconds = reduce_metrics({}, run.d.device, {"update": update_s, "step": time.perf_counter() - start,
+                                                    "sync_s": sync["sync_s"], "sync_gb": sync["sync_gb"]})
         result["train_tokens_per_s"] = result.pop("update_tokens") / max(seconds["update"], 1e-9)
+        result["rollout/sync_s"], result["rollout/sync_gb"] = seconds["sync_s"], seconds["sync_gb"]
         return {**result, **rollout}
 
 
-def collect(run: Run, rl: RLCfg, generator: torch.Generator) -> tuple[RolloutGroups, dict]:
+def collect(run: Run, rl: RLCfg, generator: torch.Generator, rollouts) -> tuple[RolloutGroups, dict]:
     """This rank's share of the train batch (groups with signal) and the step's rollout metrics over
     every group generated on every rank."""
     d, dp = run.d, run.d.dp
@@ -90,14 +102,13 @@ def collect(run: Run, rl: RLCfg, generator: torch.Generator) -> tuple[RolloutGro
 
     def generate_batch(_: int) -> RolloutGroups:
         prompts = run.loader.take(rl.rollout_prompts_per_batch // dp)
-        groups = generate_groups(model, prompts, rl, run.tokenizer, generator=generator,
-                                 stop_id=special.end_of_turn_token_id, pad_id=special.pad_token_id,
-                                 batch_size=rl.generation_batch_size, enable_thinking=rl.enable_thinking)
+        groups = generate_groups(generate, prompts, rl, run.tokenizer, generator=generator,
+                                 stop_id=special.end_of_turn_token_id, enable_thinking=rl.enable_thinking)
         generated.append(groups)
         return groups
 
     start = time.perf_counter()
-    with decoding(run.engine) as model, warnings.catch_warnings():
+    with rollouts.session() as generate, warnings.catch_warnings():
         warnings.simplefilter("ignore", UnderfilledBatchWarning)  # decided below over all ranks
         kept, fill = fill_train_batch(generate_batch, local)
     seconds = time.perf_counter() - start
@@ -187,8 +198,8 @@ class HeldoutEval:
     of `rl.eval_samples` answers per prompt sampled like the policy (at `rl.eval_temperature`), per
     task too, and `eval/accuracy_greedy` (one greedy answer per prompt). The same draws every time."""
 
-    def __init__(self, run: Run, rl: RLCfg):
-        self.rl = rl
+    def __init__(self, run: Run, rl: RLCfg, rollouts):
+        self.rl, self.rollouts = rl, rollouts
         self.prompts = heldout_prompts(run.loader.cfg, run.tokenizer, rl.eval_prompts_per_source, run.d.dp_rank,
                                        run.d.dp, rl.enable_thinking)
 
@@ -196,11 +207,10 @@ class HeldoutEval:
         rl, special = self.rl, run.loader.cfg.special_tokens
         sampled = [p for p in self.prompts for _ in range(rl.eval_samples)]
         generator = torch.Generator(device=run.d.device).manual_seed(run.d.rank)  # the same draws at every evaluation
-        kwargs = dict(stop_id=special.end_of_turn_token_id, pad_id=special.pad_token_id, batch_size=rl.generation_batch_size)
-        with decoding(run.engine) as model:
-            tokens, _, _ = sample(model, sampled, sampling(rl, rl.eval_temperature, rl.eval_presence_penalty),
-                                  generator=generator, **kwargs)
-            greedy, _, _ = sample(model, self.prompts, Sampling(rl.max_new_tokens), **kwargs)
+        with self.rollouts.session() as generate:
+            tokens, _, _ = generate(self.prompts, sampling(rl, rl.eval_temperature, rl.eval_presence_penalty),
+                                    n=rl.eval_samples, generator=generator)
+            greedy, _, _ = generate(self.prompts, Sampling(rl.max_new_tokens))
         sums = {f"{k}/{t}": 0.0 for k in ("reward", "correct", "n", "greedy", "greedy_n") for t in TASKS}
         sums["length"] = 0.0
         for prompts, outputs, greedy_pass in ((sampled, tokens, False), (self.prompts, greedy, True)):

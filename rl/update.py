@@ -104,9 +104,16 @@ def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
     """Old (and reference) log-probs once, then `update_epochs` optimizer steps over this rank's
     sequences, every rank running the same number of micro-batches (zero-loss ones where it has
     none). Returns the step's metrics over all ranks, with `finite` (every update stepped) and
-    `tokens` (packed tokens of one pass)."""
+    `tokens` (packed tokens of one pass).
+
+    `rollout/logprob_diff_max`: the largest |log-prob the rollout engine sampled a token with - the
+    old log-prob recomputed here| over the trained tokens of every rank, the check that the engine
+    serves the policy being trained (a stale weight shows as a jump). Both are log_softmax(logits /
+    rl.temperature) when sampling is on-policy (top_p 1, top_k 0, presence_penalty 0, the defaults);
+    otherwise the engine's are of the filtered distribution and the difference includes the filter."""
     d, engine, mbs = run.d, run.engine, run.cfg.train.micro_batch_size
     sequences = _sequences(groups, rl)
+    sampled = [lp for item in groups.items for lp in item.logprobs]  # in the order of `sequences`
     chunks = [pack(sequences[i : i + mbs], d.device) for i in range(0, len(sequences), mbs)]
     n_micro = int(all_reduce_max([len(chunks)], d.device)[0])
     counts = all_reduce_sum([sum(c.num_response_tokens for c in chunks), sum(len(s[1]) > 0 for s in sequences),
@@ -114,18 +121,22 @@ def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
     totals = {"tokens": counts[0], "sequences": counts[1]}
     row = {"finite": True, "tokens": int(counts[2]), "loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0,
            "clip_fraction_lower": 0.0, "approx_kl": 0.0, "kl": 0.0, "entropy": 0.0,
-           "update_tokens": int(counts[2]) * rl.update_epochs}
+           "update_tokens": int(counts[2]) * rl.update_epochs, "rollout/logprob_diff_max": 0.0}
     if n_micro == 0:  # no rank has a group with signal: nothing to learn from this step
         return row
     micro = [chunks[k] if k < len(chunks) else None for k in range(n_micro)]
     dummy = pack([], d.device)
-    old, ref, entropy = [], [], 0.0
+    old, ref, entropy, logprob_diff = [], [], 0.0, 0.0
     with torch.no_grad():
-        for c in micro:
+        for k, c in enumerate(micro):
             logp, ent = response_logprobs(run.model, c or dummy, rl.temperature, entropy=True)
             if c is not None:
                 old.append(logp)
                 entropy += ent.sum().item()
+                if len(sampled) == len(sequences) and c.num_response_tokens:
+                    engine_logp = torch.tensor([x for lps in sampled[k * mbs : (k + 1) * mbs] for x in lps],
+                                               dtype=torch.float32, device=logp.device)
+                    logprob_diff = max(logprob_diff, (logp.float() - engine_logp).abs().max().item())
         for c in micro if reference is not None else ():
             logp, _ = response_logprobs(reference, c or dummy, rl.temperature)
             if c is not None:
@@ -154,8 +165,10 @@ def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
     per_token = lambda key: sums[key] / (rl.update_epochs * max(totals["tokens"], 1))  # noqa: E731
     row.update({"loss": sums["loss"] / rl.update_epochs, "grad_norm": grad_norm, "clip_fraction": per_token("clipped"),
                 "clip_fraction_lower": per_token("capped"), "approx_kl": per_token("approx_kl"),
-                "kl": per_token("kl" if reference is not None else "approx_kl"),
-                "entropy": all_reduce_sum([entropy], d.device)[0] / max(totals["tokens"], 1)})
+                "kl": per_token("kl" if reference is not None else "approx_kl")})
+    reduced = reduce_metrics({"entropy": entropy}, d.device, {"logprob_diff": logprob_diff})
+    row["entropy"] = reduced["entropy"] / max(totals["tokens"], 1)
+    row["rollout/logprob_diff_max"] = reduced["logprob_diff"]
     return row
 
 

@@ -73,8 +73,7 @@ def sample(model: Exaone45, prompts: Sequence[Prompt], sampling: Sampling, *, st
     before it and counts as unfinished: such a token has no image features behind it, so the
     training forward could not score it the way it was sampled."""
     weight = next(model.parameters())
-    mc = model.cfg
-    vision_ids = {mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id}
+    vision_ids = vision_token_ids(model.cfg)
     tokens, logprobs, finished = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -86,8 +85,22 @@ def sample(model: Exaone45, prompts: Sequence[Prompt], sampling: Sampling, *, st
                        top_k=sampling.top_k, presence_penalty=sampling.presence_penalty, stop_ids=[stop_id],
                        pad_id=pad_id, generator=generator)
         for toks, lps, done in zip(out.tokens, out.logprobs, out.finished):
-            cut = next((i for i, t in enumerate(toks) if t in vision_ids), None)
-            tokens.append(toks if cut is None else toks[:cut])
-            logprobs.append(lps if cut is None else lps[:cut])
-            finished.append(done and cut is None)
+            toks, lps, done = cut_at_vision_token(toks, lps, done, vision_ids)
+            tokens.append(toks)
+            logprobs.append(lps)
+            finished.append(done)
     return tokens, logprobs, finished
+
+
+def vision_token_ids(mc) -> set[int]:
+    """The image/video placeholders and vision start/end ids of a model config."""
+    return {mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id}
+
+
+def cut_at_vision_token(tokens: list[int], logprobs: list[float], finished: bool, vision_ids: set[int]):
+    """A completion cut just before its first vision token (then unfinished), see `sample`; any
+    rollout engine's samples go through it."""
+    cut = next((i for i, t in enumerate(tokens) if t in vision_ids), None)
+    if cut is None:
+        return tokens, logprobs, finished
+    return tokens[:cut], logprobs[:cut], False
