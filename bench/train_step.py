@@ -7,6 +7,7 @@ side (transformers has none), so both train the same network.
     python bench/train_step.py --attn-impl sdpa    # our dense-mask kernel
     python bench/train_step.py --preset tiny --seq 2048 --steps 4
     python bench/train_step.py --device cuda --dtype bf16 --preset small   # on a GPU
+    python bench/train_step.py --against eager --steps 6   # train.compile's blocks vs our eager model
 
 Each side runs in its own fresh process (peak RSS on CPU, max_memory_allocated on GPU); `--rounds N`
 alternates the two processes N times and keeps each side's fastest round. The last column is the
@@ -81,8 +82,12 @@ def worker(impl, preset_name, seq, steps, device, dtype, attn_impl):
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     batches = packed_batches(seq, steps + 1)
     real = [int(b.num_tokens) for b in batches]
-    if impl == "ours":
+    if impl in ("ours", "compiled"):
         model = build_model(cfg, device=device, dtype=dt)
+        if impl == "compiled":  # what train.compile does (training/parallelize.py)
+            from training.parallelize import apply_compile
+
+            apply_compile(model)
 
         def step(b):
             b = b.to(device)
@@ -106,7 +111,7 @@ def worker(impl, preset_name, seq, steps, device, dtype, attn_impl):
     for i, b in enumerate(batches):
         sync()
         t, c = time.perf_counter(), time.process_time()
-        step(b if impl == "ours" else i).backward()
+        step(b if impl != "transformers" else i).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -129,6 +134,9 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="run ours / transformers alternately this many times and keep each side's fastest round "
                         "(on a machine shared with other jobs, the round least disturbed)")
+    p.add_argument("--against", default="transformers", choices=["transformers", "eager"],
+                   help="eager: our model with train.compile's compiled blocks vs the same model eager "
+                        "(the median step excludes the first, which compiles; later recompiles are in it)")
     p.add_argument("--worker", default=None)
     a = p.parse_args()
     if a.worker:
@@ -136,7 +144,7 @@ def main():
         return
     rows = {}
     for _ in range(a.rounds):  # alternate the two sides; each keeps its fastest round
-        for impl in ("ours", "transformers"):
+        for impl in (("ours", "transformers") if a.against == "transformers" else ("compiled", "ours")):
             out = subprocess.run([sys.executable, __file__, "--worker", impl, *sys.argv[1:]], capture_output=True,
                                  text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
             if out.returncode:
@@ -145,6 +153,13 @@ def main():
             best = rows.setdefault(impl, row)
             for key in ("tokens_per_s", "cpu_tokens_per_s"):
                 best[key] = max(best[key], row[key])
+    if a.against == "eager":
+        o, t = rows["compiled"], rows["ours"]
+        print(f"| {a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | packed {a.seq} | compiled {o['tokens_per_s']:.0f} tok/s, "
+              f"{o['peak_gib']:.2f} GiB | eager {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
+              f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} | "
+              f"CPU time: speed x{o['cpu_tokens_per_s'] / t['cpu_tokens_per_s']:.2f} |")
+        return
     o, t = rows["ours"], rows["transformers"]
     print(f"| {a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | packed {a.seq} vs padded | ours {o['tokens_per_s']:.0f} tok/s, "
           f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "

@@ -77,6 +77,19 @@ class MaskSpec:
         idx = torch.arange(length, device=cu_seqlens.device).expand(batch, length)
         return cls(idx, idx, doc, doc, causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
+    def prepare(self, impl: str, windows) -> "MaskSpec":
+        """Build, before the layers run, the mask or segment table `impl` reads for each window the
+        layers use (None = global). Inside a compiled block the layers then only read `_cache`:
+        building it there would recompile on the cache's contents (dynamo guards on its keys) and
+        put host work (varlen's segment lengths) in the graph. Layers still build what was not
+        prepared (eager runs, other callers), so this is an optimization, never a requirement."""
+        build = {"sdpa": self.dense, "eager": self.dense, "flex": self.block_mask, "flash": self.varlen}.get(impl)
+        if build is None:
+            raise ValueError(f"model.attn_impl={impl!r}: expected sdpa | flex | flash | eager")
+        for window in dict.fromkeys(windows):
+            build(window)
+        return self
+
     def dense(self, window: Optional[int]) -> torch.Tensor:
         """Boolean mask [B, 1, Lq, Lk]."""
         key = ("dense", window)
@@ -327,6 +340,7 @@ def varlen_attention(
     )
 
 
+@torch.compiler.disable  # a host loop over the batch's segments: eager inside compiled blocks (a graph break)
 def cpu_varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

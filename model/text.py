@@ -132,8 +132,12 @@ class TextModel(nn.Module):
             DecoderLayer(cfg, cfg.layer_types[i], i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn_impl = "sdpa"  # set with the layers' (Exaone45.set_attn_impl)
+        self.windows = [cfg.sliding_window if t == SLIDING else None for t in cfg.layer_types[: cfg.num_hidden_layers]]
 
     def forward(self, h, rope, spec: MaskSpec, cache=None):
+        if cache is None and spec is not None:
+            spec.prepare(self.attn_impl, self.windows)  # outside the (compiled) layers
         for layer in self.layers:
             h = layer(h, rope, spec, cache)
         return self.norm(h)
@@ -157,8 +161,13 @@ class MTP(nn.Module):
             DecoderLayer(cfg, cfg.layer_types[first + i], first + i) for i in range(cfg.num_nextn_predict_layers)
         )
         self.norm = RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.attn_impl = "sdpa"
+        self.windows = [cfg.sliding_window if t == SLIDING else None
+                        for t in cfg.layer_types[first: first + cfg.num_nextn_predict_layers]]
 
     def forward(self, hidden, next_embeds, rope, spec: MaskSpec, cache=None):
+        if cache is None and spec is not None:
+            spec.prepare(self.attn_impl, self.windows)
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
         for layer in self.layers:
             x = layer(x, rope, spec, cache)

@@ -120,6 +120,7 @@ class VisionModel(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.attn_impl = "sdpa"  # set with the blocks' (Exaone45.set_attn_impl)
         self.merger = PatchMerger(cfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,8 @@ class VisionModel(nn.Module):
         )
         frames = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
         full_spec, window_spec = _segments_spec(frames, order.device), _segments_spec(window_lengths, order.device)
+        for spec in (full_spec, window_spec):
+            spec.prepare(self.attn_impl, [None])  # outside the (compiled) blocks
 
         def reorder(x):
             return x.reshape(-1, unit, x.shape[-1])[order].reshape(-1, x.shape[-1])

@@ -36,7 +36,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -78,6 +77,11 @@ class ContextParallelMaskSpec(MaskSpec):
     whole: Optional[MaskSpec] = None
     cp: int = 1
     rank: int = 0
+
+    def prepare(self, impl: str, windows) -> "ContextParallelMaskSpec":
+        """Nothing to build ahead: the context-parallel attention builds its per-chunk specs itself,
+        outside compiled graphs (it runs under torch.compiler.disable, see apply_context_parallel)."""
+        return self
 
     @property
     def chunk(self) -> int:
@@ -354,22 +358,6 @@ def _deepspeed_distributed_attention(group):
     return DistributedAttention(_ulysses_local, group, scatter_idx=2, gather_idx=1)
 
 
-@contextmanager
-def whole_sequence_attention(model):
-    """Inside, every attention module attends plainly over the sequences its rank is given (what
-    evaluation and generation feed: whole sequences, the same on every rank of a cp group)."""
-    module = getattr(model, "module", model)
-    layers = [m for m in module.modules() if hasattr(m, "attention_fn")]
-    saved = [m.attention_fn for m in layers]
-    for m in layers:
-        m.attention_fn = attention
-    try:
-        yield model
-    finally:
-        for m, fn in zip(layers, saved):
-            m.attention_fn = fn
-
-
 def apply_context_parallel(model, cp_group, impl: str = "allgather"):
     """Make every decoder attention module (trunk and MTP) attend across the ranks of `cp_group`,
     and install the hook that runs this rank's images when the forward starts. Call it before
@@ -397,6 +385,9 @@ def apply_context_parallel(model, cp_group, impl: str = "allgather"):
         fn = _ulysses_attention_fn(cp, _deepspeed_distributed_attention(cp_group))
     else:
         fn = _allgather_attention_fn(cp_group)
+    # Collectives, host-side chunk plans and the specs' caches stay out of compiled blocks
+    # (train.compile): a compiled decoder layer runs its projections and MLP compiled and this eagerly.
+    fn = torch.compiler.disable(fn)
     for layer in layers:
         layer.attention_fn = fn
     return model

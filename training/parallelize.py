@@ -85,7 +85,7 @@ def parallelize(module: Exaone45, cfg, d: Dist) -> Exaone45:
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(module)
     if cfg.train.compile:
-        apply_compile(module)
+        apply_compile(module, context_parallel=d.cp > 1)
     if cfg.parallel.engine == "fsdp2":
         apply_fsdp2(module, d, bf16=cfg.train.dtype == "bf16")
     return module
@@ -107,14 +107,30 @@ def apply_activation_checkpointing(module: Exaone45) -> None:
             container[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(module: Exaone45) -> None:
+def apply_compile(module: Exaone45, context_parallel: bool = False, backend: str = "inductor") -> None:
     """torch.compile each decoder layer, MTP layer and vision block (torchtitan's per-block compile:
     small graphs, one per block kind, reused by every layer). Shapes that change from batch to batch
     (the vision tower's patch count, GRPO's packed lengths) are compiled dynamic after their first
-    change instead of once per shape; every recompilation is logged with its reason."""
+    change instead of once per shape; every recompilation is logged with its reason.
+
+    The masks the layers read are built before them (MaskSpec.prepare), so a compiled block is one
+    graph per kind (sliding, global). Under context parallelism the attention runs eagerly (its
+    collectives and chunk plans; apply_context_parallel disables compile on it): a whole compiled
+    layer would then break around it, and the resumed half guards on the layer's class, which
+    FSDP2 makes unique per layer (one recompilation per layer, past dynamo's cache limit at 64
+    layers). So each decoder layer's attention module (projections, norms, RoPE; the break inside
+    it) and MLP are compiled instead: their classes are shared by every layer."""
+    from model.text import DecoderLayer
+
     torch._logging.set_logs(recompiles=True)
     for container, i in blocks(module):
-        container[i].compile(dynamic=None)
+        block = container[i]
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        if context_parallel and isinstance(inner, DecoderLayer):
+            inner.self_attn.compile(dynamic=None, backend=backend)
+            inner.mlp.compile(dynamic=None, backend=backend)
+        else:
+            block.compile(dynamic=None, backend=backend)
 
 
 def apply_fsdp2(module: Exaone45, d: Dist, bf16: bool) -> Exaone45:
