@@ -12,7 +12,6 @@ step every rank agrees on (with a checkpoint).
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path

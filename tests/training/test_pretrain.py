@@ -1,6 +1,5 @@
 """Pretraining across engines and process counts: equivalence, exact resume, failures, export."""
 
-import json
 import signal
 import time
 
@@ -183,7 +182,6 @@ def _preempted_run(run_dir, overrides, stop):
     """A 2-rank torchrun job in its own process group; once it has logged 2 steps, `stop(job)` sends
     SIGTERM as a scheduler would. Returns the job's exit code (torchrun's own may be non-zero when it
     was signalled too) once every process has exited."""
-    import os
     import subprocess
     import sys
 
