@@ -270,7 +270,7 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump({"port": port, "pid": os.getpid()}, f)
     os.replace(tmp, args.port_file)
-    log(f"ready on 127.0.0.1:{port}")
+    log(f"ready on 127.0.0.1:{port} (pid {os.getpid()}, the leader of its process group)")
     server.loop.run_forever()
 
 
