@@ -134,6 +134,8 @@ def _check_row(row, grpo):
     assert 1 <= row["response_length_mean"] <= row["response_length_max"] <= grpo["max_new_tokens"]
     assert 0 <= row["response_clipped_ratio"] <= 1 and 0 <= row["clip_fraction"] <= 1
     assert row["kl"] >= 0 and row["entropy"] > 0 and row["gen_tokens_per_s"] > 0
+    # the native decoder's sampling log-probs against the update's recomputed ones (fp32)
+    assert row["rollout/logprob_diff_max"] <= 1e-4 and row["rollout/sync_s"] == row["rollout/sync_gb"] == 0
 
 
 def test_grpo_launcher_two_ranks_metrics_and_exact_resume(tmp_path, demo_corpus):
