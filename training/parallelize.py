@@ -13,6 +13,8 @@ ZeRO-3 its partition), one block at a time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import warnings
 from typing import Callable, Iterable, Iterator, Optional
@@ -140,13 +142,18 @@ def apply_fsdp2(module: Exaone45, d: Dist, bf16: bool) -> Exaone45:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # Only the root casts its floating inputs (pixel values) to bf16. The blocks receive bf16 hidden
+    # states from it already, and their casting would copy every dataclass argument per layer
+    # (torch.distributed.utils._apply_to_tensors rebuilds a MaskSpec and its mask cache) and round the
+    # vision tower's fp32 RoPE tables to bf16 (it applies RoPE in fp32, as transformers does).
+    block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
     mesh = d.mesh._flatten("dp_cp") if d.mesh is not None and d.cp > 1 else d.mesh["dp"]
     for block in module.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=block_mp)
     for layer in module.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=block_mp)
     if module.mtp is not None:
-        fully_shard(module.mtp, mesh=mesh, mp_policy=mp)
+        fully_shard(module.mtp, mesh=mesh, mp_policy=block_mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)
     return module
 

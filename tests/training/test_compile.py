@@ -38,3 +38,40 @@ def test_compiled_blocks_equal_eager_and_stop_recompiling():
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
     # sliding and global layers x (the first shape, then dynamic): then no batch compiles again
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[3], graphs
+
+
+def test_fsdp2_blocks_receive_the_callers_mask_spec(monkeypatch):
+    """FSDP2's forward-input cast rebuilds dataclass arguments (torch.distributed.utils._apply_to_tensors):
+    the blocks opt out, so every decoder layer reads the one MaskSpec (and mask cache) the model
+    prepared, and the vision tower keeps its fp32 RoPE tables; bf16 parameters still compute."""
+    from model.attention import MaskSpec
+    from model.config import preset
+    from model.vlm import build_model
+    from training.distributed import init_distributed, shutdown
+    from training.parallelize import apply_fsdp2
+
+    from .helpers import free_port
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    d = init_distributed()
+    try:
+        model = apply_fsdp2(build_model(preset("tiny")), d, bf16=True)
+        seen = []
+        for layer in model.language_model.layers:
+            layer.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+        model.visual.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+        ids = torch.randint(100, 4000, (1, 64))
+        ids[0, 8:12] = model.cfg.image_token_id  # one 4 x 4-patch image: 4 merged tokens
+        vc = model.cfg.vision_config
+        pixels = torch.randn(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2)
+        out = model(ids, pixels, torch.tensor([[1, 4, 4]]), labels=ids)
+        out.loss.backward()
+        specs, (vision_cos,) = seen[1:], seen[:1]
+        assert vision_cos.dtype == torch.float32
+        assert len(specs) == len(model.language_model.layers) and all(isinstance(s, MaskSpec) for s in specs)
+        assert all(s is specs[0] for s in specs)
+        assert torch.isfinite(out.loss)
+    finally:
+        shutdown()
