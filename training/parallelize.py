@@ -14,7 +14,6 @@ ZeRO-3 its partition), one block at a time.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import warnings
 from typing import Callable, Iterable, Iterator, Optional
