@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench.sides import best_of_rounds, ratio_row  # noqa: E402
 
 
 def make_inputs(cfg, seq: int, seed: int = 0):
@@ -98,22 +98,9 @@ def main():
     if a.worker:
         print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.fp8, a.attn_impl)))
         return
-    rows = {}
-    for _ in range(a.rounds):  # alternate the two sides; each keeps its fastest round
-        for impl in ("ours", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, *sys.argv[1:]], capture_output=True,
-                                 text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-            if out.returncode:
-                sys.exit(out.stderr[-3000:])
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            best = rows.setdefault(impl, row)
-            for key in ("tokens_per_s", "cpu_tokens_per_s"):
-                best[key] = max(best[key], row[key])
-    o, t = rows["ours"], rows["transformers"]
-    print(f"| {a.preset} | {a.device} {a.dtype} fp8={a.fp8} attn={a.attn_impl} | seq {a.seq} | ours {o['tokens_per_s']:.0f} tok/s, "
-          f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
-          f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} | "
-          f"CPU time: speed x{o['cpu_tokens_per_s'] / t['cpu_tokens_per_s']:.2f} |")
+    rows = best_of_rounds(__file__, ("ours", "transformers"), a.rounds)
+    print(ratio_row(f"{a.preset} | {a.device} {a.dtype} fp8={a.fp8} attn={a.attn_impl} | seq {a.seq}",
+                    ("ours", "transformers"), rows["ours"], rows["transformers"]))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench.sides import best_of_rounds, ratio_row  # noqa: E402
 
 
 def packed_batches(seq: int, n: int):
@@ -142,29 +142,12 @@ def main():
     if a.worker:
         print(json.dumps(worker(a.worker, a.preset, a.seq, a.steps, a.device, a.dtype, a.attn_impl)))
         return
-    rows = {}
-    for _ in range(a.rounds):  # alternate the two sides; each keeps its fastest round
-        for impl in (("ours", "transformers") if a.against == "transformers" else ("compiled", "ours")):
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, *sys.argv[1:]], capture_output=True,
-                                 text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-            if out.returncode:
-                sys.exit(out.stderr[-3000:])
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            best = rows.setdefault(impl, row)
-            for key in ("tokens_per_s", "cpu_tokens_per_s"):
-                best[key] = max(best[key], row[key])
-    if a.against == "eager":
-        o, t = rows["compiled"], rows["ours"]
-        print(f"| {a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | packed {a.seq} | compiled {o['tokens_per_s']:.0f} tok/s, "
-              f"{o['peak_gib']:.2f} GiB | eager {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
-              f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} | "
-              f"CPU time: speed x{o['cpu_tokens_per_s'] / t['cpu_tokens_per_s']:.2f} |")
-        return
-    o, t = rows["ours"], rows["transformers"]
-    print(f"| {a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | packed {a.seq} vs padded | ours {o['tokens_per_s']:.0f} tok/s, "
-          f"{o['peak_gib']:.2f} GiB | transformers {t['tokens_per_s']:.0f} tok/s, {t['peak_gib']:.2f} GiB | "
-          f"speed x{o['tokens_per_s'] / t['tokens_per_s']:.2f}, memory x{o['peak_gib'] / t['peak_gib']:.2f} | "
-          f"CPU time: speed x{o['cpu_tokens_per_s'] / t['cpu_tokens_per_s']:.2f} |")
+    sides = ("ours", "transformers") if a.against == "transformers" else ("compiled", "ours")
+    rows = best_of_rounds(__file__, sides, a.rounds)
+    layout = f"packed {a.seq}" + (" vs padded" if a.against == "transformers" else "")
+    names = ("ours", "transformers") if a.against == "transformers" else ("compiled", "eager")
+    print(ratio_row(f"{a.preset} | {a.device} {a.dtype} attn={a.attn_impl} | {layout}", names,
+                    rows[sides[0]], rows[sides[1]]))
 
 
 if __name__ == "__main__":
