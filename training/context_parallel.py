@@ -33,7 +33,6 @@ over the cp group then gives the gradient of the unsharded loss.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -345,15 +344,11 @@ def _ulysses_local(q, k, v, spec: ContextParallelMaskSpec, *, scale, window, imp
 
 
 def _deepspeed_distributed_attention(group):
-    import deepspeed
-    import deepspeed.comm as ds_comm
     from deepspeed.sequence.layer import DistributedAttention
 
-    if not ds_comm.is_initialized():
-        if not torch.cuda.is_available():
-            # DeepSpeed's first init compiles a shared-memory comm op (~50 s) that gloo never uses.
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    from .engine import prepare_deepspeed
+
+    prepare_deepspeed()
     # Inputs are [B, L / cp, H, D]: scatter the heads (dim 2), gather the sequence (dim 1).
     return DistributedAttention(_ulysses_local, group, scatter_idx=2, gather_idx=1)
 

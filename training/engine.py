@@ -280,18 +280,22 @@ def deepspeed_config(cfg, d: Dist) -> dict:
     }
 
 
-def _prepare_deepspeed() -> Any:
+def prepare_deepspeed() -> Any:
+    """deepspeed, its communication initialized on the torch process group (once)."""
+    import importlib
+
     import deepspeed
     import deepspeed.comm as ds_comm
-    import deepspeed.comm.torch as ds_torch_comm
     import torch.distributed as dist
 
     # DeepSpeed's collectives call torch's deprecated names, once per call (every ZeRO-3 module)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
                             category=FutureWarning)
-    # On CPU DeepSpeed would compile a shared-memory comm op on first use (+50 s); gloo is enough.
+    # On CPU DeepSpeed would compile a shared-memory comm op on first use (+40-50 s); gloo is enough.
+    # (By module name: `import deepspeed.comm.torch as m` binds deepspeed.comm's attribute `torch`,
+    # which is the torch package, so patching that name missed DeepSpeed's module.)
     if not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not ds_comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     return deepspeed
@@ -300,7 +304,7 @@ def _prepare_deepspeed() -> Any:
 @contextmanager
 def zero3_init(ds_config: dict):
     """Modules created inside have their parameters partitioned over the ranks as they are created."""
-    deepspeed = _prepare_deepspeed()
+    deepspeed = prepare_deepspeed()
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
         yield
 
@@ -318,7 +322,7 @@ _MODEL_OUTPUT_NOTICE = _ModelOutputNotice()  # one instance: addFilter skips one
 
 
 def _initialize(module: Exaone45, optimizer, ds_config: dict, zero3: bool):
-    deepspeed = _prepare_deepspeed()
+    deepspeed = prepare_deepspeed()
     if zero3:
         # ZeRO-3 gathers a module's own parameters around its forward; these are read by another one
         for owner, param in module.external_parameters():
@@ -330,7 +334,7 @@ def _initialize(module: Exaone45, optimizer, ds_config: dict, zero3: bool):
 
 def initialize_frozen(module: Exaone45, ds_config: dict):
     """An optimizer-less ZeRO-3 engine around a frozen (partitioned) module, for its forward only."""
-    deepspeed = _prepare_deepspeed()
+    deepspeed = prepare_deepspeed()
     for owner, param in module.external_parameters():
         deepspeed.zero.register_external_parameter(owner, param)
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False)

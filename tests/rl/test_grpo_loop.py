@@ -162,9 +162,13 @@ def test_grpo_launcher_two_ranks_metrics_and_exact_resume(tmp_path, demo_corpus)
 
 def test_grpo_runs_under_deepspeed_zero3(tmp_path, demo_corpus):
     """Partitioned weights, gathered once per rollout phase and per evaluation (ZeRO-2, which keeps
-    them whole, runs in tests/training/test_launchers.py under DeepSpeed's launcher)."""
+    them whole, runs in tests/training/test_launchers.py under DeepSpeed's launcher). DeepSpeed builds
+    no C++ op on CPU (its shared-memory all-reduce took 40 s to compile at the first run on a machine)."""
+    extensions = tmp_path / "torch_extensions"
     launch("grpo.py", SMOKE + [f"data.root={demo_corpus}", f"run_dir={tmp_path}", "train.steps=2",
-                               "parallel.engine=deepspeed", "parallel.zero_stage=3"], nproc=2)
+                               "parallel.engine=deepspeed", "parallel.zero_stage=3"], nproc=2,
+           env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[1:])
     assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]

@@ -22,16 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300, popen: bool = False):
-    """`torchrun --nproc_per_node N launch/<script> overrides...` (plain python for N=0)."""
+def launch(script: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300, popen: bool = False,
+           env: dict | None = None):
+    """`torchrun --nproc_per_node N launch/<script> overrides...` (plain python for N=0); `env` adds variables."""
+    env = {**ENV, **(env or {})}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), str(ROOT / "launch" / script), *overrides]
     else:
         cmd = [sys.executable, str(ROOT / "launch" / script), *overrides]
     if popen:
-        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
