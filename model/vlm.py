@@ -158,14 +158,16 @@ class Exaone45(nn.Module):
         return h.masked_scatter(mask[..., None], image_features.to(h.dtype))
 
     def _blank_image_features(self) -> torch.Tensor:
-        """The vision tower on one blank 2x2-patch image. Data-parallel training runs it on ranks whose
-        batch has no image, so every rank runs the same collectives (FSDP all-gathers, gradient
-        reductions) whether or not its batch holds images; its output is multiplied by zero."""
+        """The vision tower on one blank image of 2 merge units (m x 2m patches). Data-parallel training
+        runs it on ranks whose batch has no image, so every rank runs the same collectives (FSDP
+        all-gathers, gradient reductions) whether or not its batch holds images; its output is
+        multiplied by zero. Two units, not one: a size-1 dimension would be specialized by
+        torch.compile and recompile the vision blocks once more."""
         vc = self.cfg.vision_config
         m = vc.spatial_merge_size
         weight = self.visual.patch_embed.proj.weight
-        patches = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device=weight.device)
-        return self.visual(patches, torch.tensor([[1, m, m]], device=weight.device))
+        patches = torch.zeros(2 * m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device=weight.device)
+        return self.visual(patches, torch.tensor([[1, m, 2 * m]], device=weight.device))
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         tc = self.cfg.text_config

@@ -70,6 +70,7 @@ class TrainCfg:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer and vision block (training/parallelize.py)
+    compile_backend: str = "inductor"  # inductor | aot_eager (tracing and autograd without code generation) | eager
     dtype: str = "fp32"  # fp32 | bf16 (parameters stay fp32; compute in bf16)
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     log_every: int = 1
@@ -238,6 +239,7 @@ CHOICES = {
     "model.attn_impl": ("sdpa", "flex", "flash", "eager"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "parallel.engine": ("fsdp2", "deepspeed"),
     "parallel.cp_impl": ("allgather", "ulysses"),
     "parallel.zero_stage": (1, 2, 3),

@@ -86,7 +86,7 @@ def parallelize(module: Exaone45, cfg, d: Dist) -> Exaone45:
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(module)
     if cfg.train.compile:
-        apply_compile(module, context_parallel=d.cp > 1)
+        apply_compile(module, context_parallel=d.cp > 1, backend=cfg.train.compile_backend)
     if cfg.parallel.engine == "fsdp2":
         apply_fsdp2(module, d, bf16=cfg.train.dtype == "bf16")
     return module

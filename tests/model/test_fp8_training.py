@@ -60,9 +60,16 @@ def _train(mode: str, batches, heldout, seed: int = 0, threads: int = 1) -> floa
 
 
 def test_fp8_moves_the_loss_less_than_a_change_of_seed(demo_batches):
+    """The four single-thread runs go two at a time to 2 spawned processes (one per core; each run
+    is the same computation as in this process: one thread, the same seed), then the 2-thread one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     batches, heldout = demo_batches
-    fp32 = [_train("none", batches, heldout, seed) for seed in (0, 1)]
-    fp8 = [_train("emulated", batches, heldout, seed) for seed in (0, 1)]
+    runs = [("none", 0), ("none", 1), ("emulated", 0), ("emulated", 1)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        fp32_0, fp32_1, fp8_0, fp8_1 = pool.map(_train, *zip(*[(m, batches, heldout, s) for m, s in runs]))
+    fp32, fp8 = [fp32_0, fp32_1], [fp8_0, fp8_1]
     reordered = _train("none", batches, heldout, seed=0, threads=2)
     seed_floor = abs(fp32[0] - fp32[1])
     print(f"fp32 {fp32}, fp8 {fp8}, fp32 on 2 threads {reordered:.5f}; seed floor {seed_floor:.4f}")
