@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-exec $PY -m pytest --durations=25 "$@"  # the slowest tests, to keep the suite under 10 minutes
+# Two pytest workers (the 2 cores): a file's tests stay together on one worker (its module fixtures are
+# built once), the longest files first (tests/conftest.py). `-n 0` after this runs them in one process.
+exec $PY -m pytest -n ${PYTEST_WORKERS:-2} --dist loadfile --durations=25 "$@"  # the slowest tests, to keep the suite under 10 minutes

@@ -1,10 +1,10 @@
-"""GRPO learns to answer correctly: from a tiny model fine-tuned for a minute on dot-counting chats,
+"""GRPO learns to answer correctly: from a tiny model fine-tuned for half a minute on dot-counting chats,
 20 GRPO steps (2 ranks over gloo, image prompts) raise the correctness of its answers (the counting
 reward alone, format excluded; the zero-variance filter on correctness) on the prompts it trains on,
 sampled like the policy and greedy.
 
 The prompts are a fixed set of 8 counting images, the training and the evaluation split alike: at
-this scale (a 1.5M-parameter model and a minute of SFT) counting itself is barely learned (~12%
+this scale (a 1.5M-parameter model and half a minute of SFT) counting itself is barely learned (~12%
 right, chance is 11%), and what 20 steps of RL can show for certain is the algorithm doing its job,
 turning the rare right answers the policy samples into the ones it gives. Whether that generalizes
 to held-out prompts is measured on the demo pipeline, whose SFT start can count (README, GRPO).
@@ -14,10 +14,12 @@ loop on the counting chats (loss on assistant turns only: supervised fine-tuning
 checkpoint that the GRPO run starts from (`init_from`), as `launch/grpo.py ... init_from=<run>`
 does. Reasoning off (answers are `\\boxed{k}`), on-policy sampling at temperature 1.
 
-Measured on an Intel Xeon (AMX), train.seed 0, 1, 2: held-out (= training-set) accuracy sampled at
-T=1, 8 answers to each of the 8 prompts, 0.109 -> 0.359, 0.141 -> 0.609, 0.125 -> 0.422 (gains
-+0.25, +0.47, +0.30; the standard error of one measurement is about 0.05); greedy 0.125 -> 0.375,
-0.750, 0.500 (`GRPO_TEST_SEED=1` runs another seed).
+Measured on an Intel Xeon (AMX), train.seed 0, 1, 2, after 80 SFT steps (2026-12-02): held-out
+(= training-set) accuracy sampled at T=1, 8 answers to each of the 8 prompts, 0.109 -> 0.484,
+0.094 -> 0.453, 0.109 -> 0.375 (gains +0.38, +0.36, +0.27; the standard error of one measurement is
+about 0.05); greedy 0.125 -> 0.500, 0.250 -> 0.500, 0.250 -> 0.500 (`GRPO_TEST_SEED=1` runs another
+seed). With 150 SFT steps (until 2026-12-01) the gains were +0.25, +0.47, +0.30: the shorter start
+learns as well and saves ~30 s of the suite.
 """
 
 import os
@@ -30,7 +32,7 @@ import torch
 from tests.training.helpers import compose, free_port, metrics
 
 SFT = ["+scale=mini", "wandb.mode=disabled", "data.num_workers=0", "stage=sft_counting",
-       "+data.stages.sft_counting={counting: 1.0}", "data.seq_len=128", "train.micro_batch_size=8", "train.steps=150",
+       "+data.stages.sft_counting={counting: 1.0}", "data.seq_len=128", "train.micro_batch_size=8", "train.steps=80",
        "train.warmup_steps=3", "train.lr=5e-3", "model.mtp_loss_weight=0", "checkpoint.every=1000", "eval.batches=0"]
 GRPO = ["+recipe=grpo", "+scale=mini", "wandb.mode=disabled", "data.num_workers=0",
         "data.stages.grpo.math=0", "data.stages.grpo.counting=0", "+data.stages.grpo.fixed=1.0",
@@ -39,7 +41,7 @@ GRPO = ["+recipe=grpo", "+scale=mini", "wandb.mode=disabled", "data.num_workers=
         "rl.group_size=8", "rl.train_prompts_per_step=8", "rl.rollout_prompts_per_batch=8", "rl.max_gen_batches=3",
         "rl.eval_prompts_per_source=8", "rl.eval_samples=8", "rl.eval_temperature=1.0"]
 FIXED = 8
-MARGIN = 0.1  # the smallest measured gain of sampled accuracy is +0.25 (seed 0, the one tested)
+MARGIN = 0.1  # the smallest measured gain of sampled accuracy is +0.27 (seed 2; seed 0, the one tested: +0.38)
 
 
 @pytest.fixture(scope="module")
