@@ -137,7 +137,7 @@ def apply_compile(module: Exaone45, context_parallel: bool = False, backend: str
 def apply_fsdp2(module: Exaone45, d: Dist, bf16: bool) -> Exaone45:
     """Shard parameters over the dp x cp ranks (cp ranks hold the same weights, so FSDP treats the
     flattened mesh as its data-parallel dimension and averages gradients over all of it): each
-    vision block, decoder layer and the MTP module on their own, then the root."""
+    vision block, decoder layer, MTP layer and the MTP module on their own, then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -152,6 +152,10 @@ def apply_fsdp2(module: Exaone45, d: Dist, bf16: bool) -> Exaone45:
     for layer in module.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=block_mp)
     if module.mtp is not None:
+        # its decoder layers on their own too: then they are of the decoder layers' FSDP class, and a
+        # compiled decoder-layer graph serves them (a plain DecoderLayer would compile once more)
+        for layer in module.mtp.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=block_mp)
         fully_shard(module.mtp, mesh=mesh, mp_policy=block_mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)
     return module
