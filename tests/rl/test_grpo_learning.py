@@ -4,7 +4,7 @@ reward alone, format excluded; the zero-variance filter on correctness) on the p
 sampled like the policy and greedy.
 
 The prompts are a fixed set of 8 counting images, the training and the evaluation split alike: at
-this scale (a 1.5M-parameter model and half a minute of SFT) counting itself is barely learned (~12%
+this scale (a 1.5M-parameter model and half a minute of SFT) counting itself is barely learned (~10%
 right, chance is 11%), and what 20 steps of RL can show for certain is the algorithm doing its job,
 turning the rare right answers the policy samples into the ones it gives. Whether that generalizes
 to held-out prompts is measured on the demo pipeline, whose SFT start can count (README, GRPO).
