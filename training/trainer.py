@@ -44,7 +44,8 @@ class Run:
     tokens: int = 0
     bad_steps_in_row: int = 0
     bad_steps: int = 0
-    preempted: bool = False
+    preempted: bool = False  # the ranks' agreed verdict (_stop_requested)
+    sigterm: bool = False  # this rank received SIGTERM (set by the handler only, never reset)
     extra_state: dict = field(default_factory=dict)  # a step function's own resumable state
     heldout: Any = None  # (held-out loader, its initial state) once evaluation has run
     data_iter: Any = None  # the loader's iterator once pretrain_step has started it
@@ -196,7 +197,7 @@ def train(run: Run, step: Callable[[Run], dict] = pretrain_step, evaluate: Optio
     held-out metrics every `eval.every` steps, at step 0 when `at_start` (default: eval.every > 0),
     and after the last step of the schedule when `at_end`."""
     cfg, d = run.cfg, run.d
-    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "preempted", True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "sigterm", True))
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     flops_per_token = decoder_flops_per_token(run.module.cfg, cfg.data.seq_len)
     at_start = bool(cfg.eval.every) if at_start is None else at_start
@@ -246,8 +247,14 @@ def _stop_requested(run: Run) -> bool:
     """Whether SIGTERM reached any rank (a scheduler signals every process, or one), agreed by all
     of them in one collective after each step, so that all checkpoint the same step and exit
     together. Every decision to stop reads this, never a rank's own flag."""
+    # The handler writes its own flag, not the verdict: a signal handled while this rank waits inside
+    # the all-reduce would otherwise be overwritten by the verdict computed before it (a lost SIGTERM:
+    # the job trained to its end).
+    local = run.sigterm or run.preempted
     if run.d.world > 1:
-        run.preempted = all_reduce_max([float(run.preempted)], run.d.device)[0] > 0
+        run.preempted = all_reduce_max([float(local)], run.d.device)[0] > 0
+    else:
+        run.preempted = local
     return run.preempted
 
 

@@ -314,3 +314,22 @@ def test_non_finite_steps_are_skipped_counted_then_abort(tmp_path, fixed_batches
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_sigterm_handled_during_the_stop_vote_is_not_lost(monkeypatch):
+    """SIGTERM handled while the rank waits inside the stop vote's all-reduce (where a rank spends
+    much of its time) must count at the next vote; it was once overwritten by the verdict computed
+    before it, and the job trained to its end (seen in the one-rank SIGTERM drill)."""
+    from types import SimpleNamespace
+
+    import training.trainer as trainer
+
+    run = SimpleNamespace(d=SimpleNamespace(world=2, device="cpu"), preempted=False, sigterm=False)
+
+    def vote(values, device):  # the other rank votes no; the signal arrives during the collective
+        run.sigterm = True
+        return [max(values)]
+
+    monkeypatch.setattr(trainer, "all_reduce_max", vote)
+    assert trainer._stop_requested(run) is False  # this vote began before the signal
+    assert trainer._stop_requested(run) is True  # the next one carries it
