@@ -303,10 +303,27 @@ def prepare_deepspeed() -> Any:
 
 @contextmanager
 def zero3_init(ds_config: dict):
-    """Modules created inside have their parameters partitioned over the ranks as they are created."""
+    """Modules created inside have their parameters partitioned over the ranks as they are created, in
+    the config's dtype (bf16 when its `bf16` is enabled, else fp32).
+
+    The dtype comes from the config, not zero.Init's `dtype` argument: DeepSpeed 0.19 honours that
+    argument only where the accelerator supports fp16 (`dtype or fp16 if is_fp16_supported() else
+    bf16 ...`), so on a CPU without mkldnn fp16 (AMD EPYC; Intel Xeons with AMX have it) `dtype=fp32`
+    built bf16 parameters, the fp32 run's ZeRO-3 masters started from bf16-rounded weights and its
+    first loss differed from FSDP2's by 2.6e-5."""
     deepspeed = prepare_deepspeed()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
         yield
+
+
+def check_zero3_dtype(module: nn.Module, ds_config: dict) -> None:
+    """Raises when zero.Init built `module`'s parameters below the config's precision (an fp32 run's in
+    bf16: see `zero3_init`); a bf16 run's may hold fp32 ones (DeepSpeed's keep-in-fp32 modules)."""
+    allowed = (torch.bfloat16, torch.float32) if ds_config.get("bf16", {}).get("enabled") else (torch.float32,)
+    wrong = sorted({str(p.dtype) for p in module.parameters() if p.dtype not in allowed})
+    if wrong:
+        raise RuntimeError(f"ZeRO-3 built parameters in {wrong} for a run whose train.dtype allows only {allowed}: "
+                           "DeepSpeed's zero.Init did not follow the config's dtype")
 
 
 class _ModelOutputNotice(logging.Filter):

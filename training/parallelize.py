@@ -43,10 +43,12 @@ def build_module(cfg, d: Dist, *, with_init_from: bool = True) -> Exaone45:
     checkpoint over it instead)."""
     mcfg = model_config(cfg)
     if uses_zero3(cfg):
-        from .engine import deepspeed_config, zero3_init
+        from .engine import check_zero3_dtype, deepspeed_config, zero3_init
 
-        with zero3_init(deepspeed_config(cfg, d)):
+        ds_config = deepspeed_config(cfg, d)
+        with zero3_init(ds_config):
             module = Exaone45(mcfg)
+        check_zero3_dtype(module, ds_config)
     else:
         with torch.device("meta"):
             module = Exaone45(mcfg)

@@ -333,3 +333,56 @@ def test_a_sigterm_handled_during_the_stop_vote_is_not_lost(monkeypatch):
     monkeypatch.setattr(trainer, "all_reduce_max", vote)
     assert trainer._stop_requested(run) is False  # this vote began before the signal
     assert trainer._stop_requested(run) is True  # the next one carries it
+
+
+
+def _zero3_dtype_worker(rank: int, port: int, out: str):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from deepspeed.accelerator import get_accelerator
+
+    from model.vlm import Exaone45
+    from training.distributed import Dist
+    from training.engine import check_zero3_dtype, deepspeed_config, zero3_init
+    from training.parallelize import model_config
+
+    one = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), dp=1, cp=1)
+    seen = {}
+    for fp16_supported in (False, True):  # AMD EPYC answers False, Xeons with AMX True
+        get_accelerator().is_fp16_supported = lambda: fp16_supported
+        for dtype in ("fp32", "bf16"):
+            cfg = compose(TINY + ["parallel.engine=deepspeed", "parallel.zero_stage=3", f"train.dtype={dtype}"])
+            ds_config = deepspeed_config(cfg, one)
+            with zero3_init(ds_config):
+                module = Exaone45(model_config(cfg))
+            check_zero3_dtype(module, ds_config)
+            seen[fp16_supported, dtype] = sorted({str(p.dtype) for p in module.parameters()})
+    try:
+        check_zero3_dtype(torch.nn.Linear(2, 2).to(torch.bfloat16), deepspeed_config(compose(TINY), one))
+        seen["raised"] = ""
+    except RuntimeError as e:
+        seen["raised"] = str(e)
+    torch.save(seen, out)
+    dist.destroy_process_group()
+
+
+def test_zero3_builds_parameters_in_the_run_dtype_on_every_cpu(tmp_path):
+    """zero.Init's `dtype=fp32` was ignored where DeepSpeed's accelerator has no fp16 (AMD EPYC): an
+    fp32 run's ZeRO-3 parameters were bf16, its masters started bf16-rounded and its first loss was
+    2.6e-5 off FSDP2's. The parameters follow train.dtype whatever the CPU answers, and a module in a
+    lower precision than the run's is refused at start-up."""
+    import torch.multiprocessing as mp
+
+    from .helpers import free_port
+
+    out = str(tmp_path / "dtypes.pt")
+    mp.start_processes(_zero3_dtype_worker, args=(free_port(), out), nprocs=1, join=True, start_method="spawn")
+    seen = torch.load(out)
+    for fp16_supported in (False, True):
+        assert seen[fp16_supported, "fp32"] == ["torch.float32"], fp16_supported
+        assert seen[fp16_supported, "bf16"] == ["torch.bfloat16"], fp16_supported
+    assert "torch.bfloat16" in seen["raised"] and "train.dtype" in seen["raised"]
