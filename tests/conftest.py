@@ -3,10 +3,12 @@ and the order in which the files run."""
 
 import pytest
 
-# The longest files first (seconds on 2 cores of an Intel Xeon, 2026-12-02): scripts/test.sh runs the
+# The longest files first (seconds on 2 cores of an Intel Xeon, 2026-12-02; the two pretraining files on
+# an AMD EPYC with a third of its GEMM speed, where the whole suite took 13 min): scripts/test.sh runs the
 # suite on 2 pytest workers, a file at a time each (--dist loadfile), and a long file started last
 # would leave one worker running it alone at the end. Only the order changes; every file still runs.
-LONGEST_FIRST = ("training/test_pretrain.py",  # ~250 s
+LONGEST_FIRST = ("training/test_pretrain.py",  # ~310 s on the AMD EPYC
+                 "training/test_preemption.py",  # ~200 s on the AMD EPYC (was one file with the above: ~250 s on the Xeon)
                  "rl/test_grpo_learning.py",  # ~110 s
                  "training/test_sft.py",  # ~100 s
                  "training/test_launchers.py",  # ~80 s
