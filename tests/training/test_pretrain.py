@@ -1,4 +1,6 @@
-"""Pretraining across engines and process counts: equivalence, exact resume, failures, export."""
+"""Pretraining across engines and process counts: equivalence (1 vs 2 ranks, compiled, ZeRO-2/3, context
+parallelism, with ZeRO-3's resume and export), ZeRO-3's parameter dtype, config errors, non-finite steps.
+Resume and preemption of launched runs: test_preemption.py."""
 
 import pytest
 import torch
