@@ -12,9 +12,8 @@ from omegaconf import OmegaConf
 from data.schema import Message, Sample, image, text
 from data.text import IGNORE, render_chat, tokenize_sample
 
-from .helpers import ENV, ROOT, compose, free_port, launch, metrics
+from .helpers import ENV, ROOT, TINY, compose, free_port, launch, metrics
 
-TINY = ["+scale=mini", "wandb.mode=disabled", "data.num_workers=0"]
 SFT_STAGES = ("sft.stages=[{name: general, mixture: {chat: 0.6, math: 0.2, counting: 0.1, caption: 0.1}, steps: 60},"
               "{name: reasoning, mixture: {chat: 0.5, math: 0.5}, steps: 40, lr_scale: 0.5}]")
 
