@@ -29,13 +29,17 @@ def _overrides(tmp_path, name, demo_corpus, *extra):
 
 
 def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches, demo_corpus):
-    """1 process = FSDP2 on 2 ranks = the same compiled (train.compile) = DeepSpeed ZeRO-2 = ZeRO-3 on 2
-    ranks (the ranks' batches differ: one may hold images while the other runs the blank vision pass). The ZeRO-3 run stops after step 2
-    and resumes; its checkpoint (the same DCP layout, written whole) and its Hugging Face export hold
-    the same weights."""
-    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, "train.grad_accum=2"), fixed_batches)
+    """1 process = the same compiled by inductor (train.compile) = FSDP2 on 2 ranks = DeepSpeed ZeRO-2 =
+    ZeRO-3 on 2 ranks (the ranks' batches differ: one may hold images while the other runs the blank
+    vision pass). The ZeRO-3 run stops after step 2 and resumes; its checkpoint (the same DCP layout,
+    written whole) and its Hugging Face export hold the same weights. Inductor's kernels are checked in
+    one process (a cold inductor compile costs ~45 s of CPU per process, and two ranks compile the same
+    graphs side by side); FSDP2 with compiled blocks on 2 ranks, the graphs inductor would receive, is
+    test_context_parallel_training_matches_one_process's allgather run (aot_eager)."""
+    accum = "train.grad_accum=2"
+    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, accum), fixed_batches)
+    compiled = run_workers(1, _overrides(tmp_path, "compiled", demo_corpus, accum, "train.compile=true"), fixed_batches)
     two = run_workers(2, _overrides(tmp_path, "fsdp", demo_corpus), fixed_batches)
-    compiled = run_workers(2, _overrides(tmp_path, "compiled", demo_corpus, "train.compile=true"), fixed_batches)
     ds = run_workers(2, _overrides(tmp_path, "ds", demo_corpus, "parallel.engine=deepspeed"), fixed_batches)
     zero3 = _overrides(tmp_path, "z3", demo_corpus, "parallel.engine=deepspeed", "parallel.zero_stage=3")
     assert [r["step"] for r in run_workers(2, zero3 + ["train.stop_after=2"], fixed_batches)] == [1, 2]
@@ -46,12 +50,12 @@ def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches
         for key in ("lm_loss", "mtp_loss", "loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a[key], b[key])
             # torch.compile'd blocks (inductor's fused kernels) = eager; measured 6e-7 relative (Intel Xeon)
-            assert abs(b[key] - k[key]) <= 1e-5 * abs(b[key]), (key, b[key], k[key])
+            assert abs(a[key] - k[key]) <= 1e-5 * abs(a[key]), (key, a[key], k[key])
             assert abs(b[key] - c[key]) <= 1e-5 * abs(b[key]), (key, b[key], c[key])
             assert abs(b[key] - z[key]) <= 1e-5 * abs(b[key]), (key, b[key], z[key])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
         assert abs(b["grad_norm"] - z["grad_norm"]) <= 1e-4 * b["grad_norm"]
-        assert abs(b["grad_norm"] - k["grad_norm"]) <= 1e-4 * b["grad_norm"]
+        assert abs(a["grad_norm"] - k["grad_norm"]) <= 1e-4 * a["grad_norm"]
 
     from transformers import Exaone4_5_ForConditionalGeneration
 
