@@ -50,15 +50,29 @@ def shifted_targets(labels: torch.Tensor, doc: torch.Tensor, k: int) -> torch.Te
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                          scale: float = 1.0, entropy: bool = False):
+                          scale: float = 1.0, entropy: bool = False, summed: bool = False):
     """Cross-entropy of softmax(scale * logits) at every position with a target, computed chunk by
-    chunk through the LM head `weight`; under autograd each chunk's logits are recomputed in backward
-    rather than kept. Returns (losses [valid positions], valid mask, entropies [valid] or None)."""
+    chunk through the LM head `weight`, so the [tokens x vocab] logits never exist whole. Returns
+    (losses [valid positions], valid mask, entropies [valid] or None).
+
+    `summed=True` (a loss that is a function of the losses' sum only, as pretraining's and SFT's are):
+    the losses come back detached, with a 4th element, their sum, carrying the gradient. That sum's
+    gradient is one number, so each chunk's gradients (for `hidden` and `weight`) are computed in the
+    forward, from the softmax the loss needs anyway (`_SummedLinearCE`). Otherwise (RL weighs every
+    token's log-prob by its own advantage) each chunk runs under activation checkpointing: its logits
+    are recomputed in backward rather than kept."""
     valid = targets.reshape(-1) != -100
     h, t = hidden.reshape(-1, hidden.shape[-1])[valid], targets.reshape(-1)[valid]
+    if summed and not entropy:
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total, losses = _SummedLinearCE.apply(h, weight, t, chunk, scale)
+        else:
+            losses = torch.cat([_chunk_softmax(hc, weight, tc, scale)[0] for hc, tc in _chunks(h, t, chunk)] or
+                               [h.new_zeros(0, dtype=torch.float32)])
+            total = losses.sum()
+        return losses, valid, None, total
     losses, entropies = [], []
-    for i in range(0, h.shape[0], chunk):
-        hc, tc = h[i : i + chunk], t[i : i + chunk]
+    for hc, tc in _chunks(h, t, chunk):
         if torch.is_grad_enabled() and hc.requires_grad:
             loss, ent = checkpoint(_ce, hc, weight, tc, scale, entropy, use_reentrant=False)
         else:
@@ -68,6 +82,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if not losses:
         return hidden.new_zeros(0), valid, hidden.new_zeros(0) if entropy else None
     return torch.cat(losses), valid, torch.cat(entropies) if entropy else None
+
+
+def _chunks(h: torch.Tensor, t: torch.Tensor, chunk: int):
+    return [(h[i : i + chunk], t[i : i + chunk]) for i in range(0, h.shape[0], chunk)]
 
 
 def _ce(h, weight, t, scale: float, entropy: bool):
@@ -81,6 +99,64 @@ def _ce(h, weight, t, scale: float, entropy: bool):
     return loss, -(log_p.exp() * log_p).sum(-1)
 
 
+def _chunk_softmax(h, weight, t, scale: float):
+    """(losses [n], softmax(scale * logits) [n, V] in fp32) of one chunk, in place on one fp32 buffer:
+    loss = logsumexp(z) - z[target] with z = scale * logits (the max subtracted before exp)."""
+    z = F.linear(h, weight).float()
+    if scale != 1.0:
+        z.mul_(scale)
+    rows = torch.arange(z.shape[0], device=z.device)
+    target = z[rows, t]
+    top = z.amax(-1, keepdim=True)
+    p = z.sub_(top).exp_()
+    total = p.sum(-1, keepdim=True)
+    losses = (top + total.log()).squeeze(-1) - target
+    return losses, p.div_(total)
+
+
+class _SummedLinearCE(torch.autograd.Function):
+    """sum_i CE(softmax(scale * h_i W^T), t_i) over chunks of rows, with the gradients computed in the
+    forward (Liger-Kernel's fused linear cross-entropy, here in torch ops): d loss / d z = scale *
+    (softmax - onehot), then dh = g W and dW = g^T h per chunk, in the weight's dtype as autograd
+    would. The backward only scales them by the upstream gradient (one number), so the LM-head matmul
+    and the softmax are not recomputed and the [chunk x vocab] logits are made once. The weight is
+    not saved: ZeRO-3 may have released it by the backward. Returns (sum, losses detached)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, t, chunk: int, scale: float):
+        dh = torch.zeros_like(h) if h.requires_grad else None
+        dw = torch.zeros_like(weight) if weight.requires_grad else None
+        losses = []
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i : i + chunk], t[i : i + chunk]
+            loss, p = _chunk_softmax(hc, weight, tc, scale)
+            losses.append(loss)
+            p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+            if scale != 1.0:
+                p.mul_(scale)
+            g = p.to(weight.dtype)
+            del p
+            if dh is not None:
+                torch.mm(g, weight, out=dh[i : i + chunk])
+            if dw is not None:
+                dw.addmm_(g.t(), hc)
+        losses = torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(*(x for x in (dh, dw) if x is not None))
+        ctx.has, ctx.used = (dh is not None, dw is not None), False
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_losses):
+        if ctx.used:
+            raise RuntimeError("_SummedLinearCE scales its saved gradients in place: one backward per forward")
+        ctx.used = True
+        saved = iter(ctx.saved_tensors)
+        dh = next(saved).mul_(grad_total) if ctx.has[0] else None
+        dw = next(saved).mul_(grad_total) if ctx.has[1] else None
+        return dh, dw, None, None, None
+
+
 class HeadLoss(nn.Module):
     """`chunked_cross_entropy` as a module of its own, called once per loss (next token, MTP) whatever
     the number of chunks. It holds no parameter: it reads the LM head's weight, which ZeRO-3 gathers
@@ -88,8 +164,9 @@ class HeadLoss(nn.Module):
     chunks are recomputed. Calling the head module per chunk instead would make the sequence of module
     calls depend on each rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
 
-    def forward(self, hidden, weight, targets, chunk: int, scale: float = 1.0, entropy: bool = False):
-        return chunked_cross_entropy(hidden, weight, targets, chunk, scale, entropy)
+    def forward(self, hidden, weight, targets, chunk: int, scale: float = 1.0, entropy: bool = False,
+                summed: bool = False):
+        return chunked_cross_entropy(hidden, weight, targets, chunk, scale, entropy, summed)
 
 
 @torch.no_grad()
@@ -206,11 +283,15 @@ class Exaone45(nn.Module):
             return out
 
         chunk = self.cfg.loss_chunk_size
-        losses, valid, entropy = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk, 1.0 / temperature,
-                                                token_entropy)
+        # Without per-token outputs the loss depends on the losses' sum only: its gradients are made in the
+        # forward (chunked_cross_entropy's `summed`); RL's per-token log-probs take the recomputing path.
+        summed = not (token_logprobs or token_entropy)
+        head = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk, 1.0 / temperature, token_entropy,
+                              summed)
+        losses, valid, entropy = head[:3]
         if token_logprobs:
             out.token_logprobs, out.token_entropy = -losses, entropy
-        out.lm_loss_sum, out.lm_tokens = losses.sum(), int(valid.sum())
+        out.lm_loss_sum, out.lm_tokens = head[3] if summed else losses.sum(), int(valid.sum())
         out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
         token_loss = torch.zeros(valid.shape, device=hidden.device)
         token_loss[valid] = losses.detach()
@@ -221,8 +302,9 @@ class Exaone45(nn.Module):
             # shardable: image-token targets carry no loss, so nothing is lost.
             next_embeds = self.language_model.embed_tokens(shard.next_input_ids)
             mtp_hidden = self.mtp(hidden, next_embeds, rope, shard.mask_spec)
-            mtp_losses, mtp_valid, _ = self.head_loss(mtp_hidden, self.lm_head.weight, shard.mtp_targets, chunk)
-            out.mtp_loss_sum, out.mtp_tokens = mtp_losses.sum(), int(mtp_valid.sum())
+            _, mtp_valid, _, mtp_sum = self.head_loss(mtp_hidden, self.lm_head.weight, shard.mtp_targets, chunk,
+                                                      summed=True)
+            out.mtp_loss_sum, out.mtp_tokens = mtp_sum, int(mtp_valid.sum())
             out.mtp_loss = out.mtp_loss_sum / max(out.mtp_tokens, 1)
             out.loss = out.lm_loss + self.cfg.mtp_loss_weight * out.mtp_loss
         return out

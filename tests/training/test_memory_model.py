@@ -7,12 +7,12 @@ Bounds:
   model) must match within 2% (they agree to 0.002%: AdamW's per-tensor step counters).
 - the activation peak is resident memory (VmHWM above the pre-step baseline), so it also holds what
   the model leaves out: the vision tower, small allocations, allocator pages. Estimate / measured
-  on this machine: 1.037 (ac) and 1.030 (no ac) at 1024 tokens, the same to 0.5 MiB of ~75 / ~135
-  MiB over repeated runs (1.004-1.041 at the other layouts of RESULTS.md). The band [0.97, 1.10]
-  leaves that room and fails when a modelled term goes missing or goes back to its former value:
-  without the attention masks the ratio is 0.955 (ac) / 0.866 (no ac); with the former loss term
-  (4096 tokens where 1024 exist, two copies) 2.1 / 1.6; with the former per-layer count (14 x hidden
-  + 2 x intermediate per token, no masks) 0.75 at no ac.
+  (Intel Xeon, 2026-12-03, the loss's gradients made in its forward): 1.002 (ac) and 0.994 (no ac)
+  at 1024 tokens, of ~47 / ~110 MiB (0.994-1.004 at the other layouts of RESULTS.md; 1.03-1.04 with
+  the loss recomputed in backward, until 2026-12-02). The band [0.97, 1.10] leaves that room and
+  fails when a modelled term goes missing or goes back to a former value: without the attention
+  masks the ratio is ~0.87 (ac) / ~0.80 (no ac); with the recomputing loss's term (three fp32
+  logits copies) 1.6 / 1.3; with the loss chunk counted at 4096 tokens where 1024 exist 2.0 / 1.4.
 """
 
 import importlib.util
