@@ -160,8 +160,8 @@ class _SummedLinearCE(torch.autograd.Function):
 class HeadLoss(nn.Module):
     """`chunked_cross_entropy` as a module of its own, called once per loss (next token, MTP) whatever
     the number of chunks. It holds no parameter: it reads the LM head's weight, which ZeRO-3 gathers
-    around this module (`Exaone45.external_parameters`) for its forward and its backward, where the
-    chunks are recomputed. Calling the head module per chunk instead would make the sequence of module
+    around this module (`Exaone45.external_parameters`) for its forward and its backward (where RL's
+    per-token path recomputes the chunks; the summed path made its gradients in the forward). Calling the head module per chunk instead would make the sequence of module
     calls depend on each rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
 
     def forward(self, hidden, weight, targets, chunk: int, scale: float = 1.0, entropy: bool = False,
