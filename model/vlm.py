@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import MaskSpec, doc_ids_from_cu_seqlens
 from .config import ModelConfig
@@ -59,59 +58,123 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     the losses come back detached, with a 4th element, their sum, carrying the gradient. That sum's
     gradient is one number, so each chunk's gradients (for `hidden` and `weight`) are computed in the
     forward, from the softmax the loss needs anyway (`_SummedLinearCE`). Otherwise (RL weighs every
-    token's log-prob by its own advantage) each chunk runs under activation checkpointing: its logits
-    are recomputed in backward rather than kept."""
+    token's log-prob by its own advantage) the forward keeps each token's log-sum-exp and the backward
+    recomputes each chunk's logits from it (`_TokenLinearCE`). Either way no log-softmax tensor is made:
+    a fresh [chunk x vocab] log-softmax and its backward cost 3-4x a softmax made in place on CPU."""
     valid = targets.reshape(-1) != -100
     h, t = hidden.reshape(-1, hidden.shape[-1])[valid], targets.reshape(-1)[valid]
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if summed and not entropy:
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if grad:
             total, losses = _SummedLinearCE.apply(h, weight, t, chunk, scale)
         else:
-            losses = torch.cat([_chunk_softmax(hc, weight, tc, scale)[0] for hc, tc in _chunks(h, t, chunk)] or
-                               [h.new_zeros(0, dtype=torch.float32)])
+            losses = _cat([_chunk_exp(hc, weight, tc, scale)[0] for hc, tc in _chunks(h, t, chunk)], h)
             total = losses.sum()
         return losses, valid, None, total
-    losses, entropies = [], []
-    for hc, tc in _chunks(h, t, chunk):
-        if torch.is_grad_enabled() and hc.requires_grad:
-            loss, ent = checkpoint(_ce, hc, weight, tc, scale, entropy, use_reentrant=False)
-        else:
-            loss, ent = _ce(hc, weight, tc, scale, entropy)
-        losses.append(loss)
-        entropies.append(ent)
-    if not losses:
-        return hidden.new_zeros(0), valid, hidden.new_zeros(0) if entropy else None
-    return torch.cat(losses), valid, torch.cat(entropies) if entropy else None
+    if grad:
+        losses, entropies = _TokenLinearCE.apply(h, weight, t, chunk, scale, entropy)
+    else:
+        stats = [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, chunk)]
+        losses, entropies = _cat([x[0] for x in stats], h), _cat([x[1] for x in stats], h) if entropy else None
+    return losses, valid, entropies if entropy else None
 
 
 def _chunks(h: torch.Tensor, t: torch.Tensor, chunk: int):
     return [(h[i : i + chunk], t[i : i + chunk]) for i in range(0, h.shape[0], chunk)]
 
 
-def _ce(h, weight, t, scale: float, entropy: bool):
-    logits = F.linear(h, weight).float()
-    if scale != 1.0:
-        logits = logits * scale
-    loss = F.cross_entropy(logits, t, reduction="none")
-    if not entropy:
-        return loss, None
-    log_p = logits.log_softmax(-1)  # log-space: exact for large logits, unlike lse - E[z]
-    return loss, -(log_p.exp() * log_p).sum(-1)
+def _cat(parts: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
+
+
+def _scaled_logits(h, weight, scale: float) -> torch.Tensor:
+    z = F.linear(h, weight).float()
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+def _chunk_exp(h, weight, t, scale: float, keep: bool = False):
+    """One chunk's z = scale * logits in fp32, as (losses [n], lse [n], e = exp(z - max) [n, V], row sums
+    of e [n, 1], z - max or None): loss = logsumexp(z) - z[target]. In place on one buffer unless `keep`
+    (z - max kept beside e, for the entropy)."""
+    z = _scaled_logits(h, weight, scale)
+    target = z[torch.arange(z.shape[0], device=z.device), t]
+    top = z.amax(-1, keepdim=True)
+    z.sub_(top)
+    e = z.exp() if keep else z.exp_()
+    total = e.sum(-1, keepdim=True)
+    lse = (top + total.log()).squeeze(-1)
+    return lse - target, lse, e, total, z if keep else None
 
 
 def _chunk_softmax(h, weight, t, scale: float):
-    """(losses [n], softmax(scale * logits) [n, V] in fp32) of one chunk, in place on one fp32 buffer:
-    loss = logsumexp(z) - z[target] with z = scale * logits (the max subtracted before exp)."""
-    z = F.linear(h, weight).float()
-    if scale != 1.0:
-        z.mul_(scale)
-    rows = torch.arange(z.shape[0], device=z.device)
-    target = z[rows, t]
-    top = z.amax(-1, keepdim=True)
-    p = z.sub_(top).exp_()
-    total = p.sum(-1, keepdim=True)
-    losses = (top + total.log()).squeeze(-1) - target
-    return losses, p.div_(total)
+    """(losses [n], softmax(scale * logits) [n, V] in fp32) of one chunk, made in place."""
+    losses, _, e, total, _ = _chunk_exp(h, weight, t, scale)
+    return losses, e.div_(total)
+
+
+def _chunk_stats(h, weight, t, scale: float, entropy: bool):
+    """(losses [n], entropies [n] or None, log-sum-exp [n]) of one chunk; the entropy is
+    log(sum e) - sum_j e_j (z_j - max) / sum e, no log p needed (nothing to underflow)."""
+    losses, lse, e, total, shifted = _chunk_exp(h, weight, t, scale, keep=entropy)
+    if entropy:  # sum_j e_j (z_j - max) as a batched dot product: no third [n, V] buffer
+        ent = total.log().squeeze(-1) - torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1) / total.squeeze(-1)
+    else:
+        ent = None
+    return losses, ent, lse
+
+
+class _TokenLinearCE(torch.autograd.Function):
+    """Per-token CE(softmax(scale * h W^T), t) (and the entropy of that softmax) over chunks of rows,
+    for losses weighted token by token (RL). The forward keeps the hidden states, the targets and
+    each token's log-sum-exp, not the logits; the backward recomputes a chunk's logits, its softmax
+    from the saved log-sum-exp in place, and d/dz = g * (p - onehot) - g_ent * p * (log p + H) times
+    scale, then dh = d W and dW = d^T h in the weight's dtype. Returns (losses, entropies or an empty
+    tensor)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, t, chunk: int, scale: float, entropy: bool):
+        stats = [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, chunk)]
+        losses, lse = _cat([x[0] for x in stats], h), _cat([x[2] for x in stats], h)
+        ent = _cat([x[1] for x in stats], h) if entropy else h.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(h, weight, t, lse, ent)
+        ctx.chunk, ctx.scale, ctx.entropy = chunk, scale, entropy
+        if not entropy:
+            ctx.mark_non_differentiable(ent)
+        return losses, ent
+
+    @staticmethod
+    def backward(ctx, grad_losses, grad_ent):
+        h, weight, t, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.zeros_like(h) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        for i in range(0, h.shape[0], ctx.chunk):
+            hc, tc, rows = h[i : i + ctx.chunk], t[i : i + ctx.chunk], slice(i, i + ctx.chunk)
+            log_p = _scaled_logits(hc, weight, ctx.scale).sub_(lse[rows, None])
+            ent_term = None
+            if ctx.entropy:  # two fp32 buffers: p, and p * (log p + H) made on log p
+                p = log_p.exp()
+                if grad_ent is not None:
+                    ent_term = log_p.add_(ent[rows, None]).mul_(p).mul_(grad_ent[rows, None])
+            else:  # one
+                p = log_p.exp_()
+            del log_p
+            if grad_losses is None:
+                g = p.zero_()
+            else:
+                g = p.mul_(grad_losses[rows, None])
+                g[torch.arange(g.shape[0], device=g.device), tc] -= grad_losses[rows]
+            if ent_term is not None:
+                g.sub_(ent_term)
+                del ent_term
+            if ctx.scale != 1.0:
+                g.mul_(ctx.scale)
+            g = g.to(weight.dtype)
+            if dh is not None:
+                torch.mm(g, weight, out=dh[i : i + ctx.chunk])
+            if dw is not None:
+                dw.addmm_(g.t(), hc)
+        return dh, dw, None, None, None, None
 
 
 class _SummedLinearCE(torch.autograd.Function):
@@ -140,7 +203,7 @@ class _SummedLinearCE(torch.autograd.Function):
                 torch.mm(g, weight, out=dh[i : i + chunk])
             if dw is not None:
                 dw.addmm_(g.t(), hc)
-        losses = torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)
+        losses = _cat(losses, h)
         ctx.save_for_backward(*(x for x in (dh, dw) if x is not None))
         ctx.has, ctx.used = (dh is not None, dw is not None), False
         ctx.mark_non_differentiable(losses)

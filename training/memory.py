@@ -49,9 +49,10 @@ Estimate, per rank, in parts (bench/memory_model.py checks them against one meas
   cast for the two matmuls; none in fp32), and per loss (next token, MTP when weighted) the LM
   head's weight gradient and the hidden states' gradient in the compute dtype, made in the forward
   and held until the backward.
-  GRPO's training phase (`per_token_loss`: per-token log-probs, recomputed in backward): three fp32
-  copies of a chunk's logits (recomputed logits, log-softmax, their gradient) and the LM head's
-  whole fp32 weight gradient.
+  GRPO's training phase (`per_token_loss`: per-token log-probs, each chunk's logits recomputed in
+  backward from its saved log-sum-exp): that chunk once in fp32 (twice with the entropy bonus, whose
+  gradient needs log p beside p) next to one compute-dtype copy, the LM head's weight gradient and
+  the hidden states' gradient in the compute dtype.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def mask_elements(tc, seq_len: int, cp: int, cp_impl: str = "allgather") -> dict
 
 def estimate(cfg, seq_len: int, dp: int, cp: int, micro_batch: int = 1, activation_checkpointing: bool = True,
              activation_bytes: int = 2, cp_impl: str = "allgather", *, engine: str = "fsdp2", zero_stage: int = 3,
-             vision_patches: int = 0, per_token_loss: bool = False) -> dict:
+             vision_patches: int = 0, per_token_loss: bool = False, entropy: bool = False) -> dict:
     """GiB per rank, by part (see the module docstring); `total` is their sum. DeepSpeed ZeRO-1/2
     keep a whole fp32 replica of the parameters on every rank (ZeRO-1 of the gradients too)."""
     counts = parameter_counts(cfg)
@@ -128,21 +129,22 @@ def estimate(cfg, seq_len: int, dp: int, cp: int, micro_batch: int = 1, activati
         "vision": vision_activation_elements(cfg.vision_config, vision_patches, activation_checkpointing) * activation_bytes / GIB,
         "cp_kv": cp_kv_elements(tc, seq_len, cp, cp_impl, activation_checkpointing) * micro_batch * activation_bytes / GIB,
         "attention_masks": mask_bytes / GIB,
-        "loss_chunk": loss_chunk_bytes(cfg, tokens, chunk, activation_bytes, per_token_loss) / GIB,
+        "loss_chunk": loss_chunk_bytes(cfg, tokens, chunk, activation_bytes, per_token_loss, entropy) / GIB,
     }
     out["total"] = sum(out.values())
     return out
 
 
-def loss_chunk_bytes(cfg, tokens: int, chunk: int, activation_bytes: int, per_token_loss: bool) -> int:
+def loss_chunk_bytes(cfg, tokens: int, chunk: int, activation_bytes: int, per_token_loss: bool = False,
+                     entropy: bool = False) -> int:
     """The chunked LM-head loss's peak (see the module docstring)."""
     tc = cfg.text_config
     vocab, h = tc.vocab_size, tc.hidden_size
-    if per_token_loss:
-        return (3 * chunk * vocab + vocab * h) * 4
-    heads = 2 if tc.num_nextn_predict_layers and cfg.mtp_loss_weight > 0 else 1
     copy = activation_bytes if activation_bytes != 4 else 0
-    return chunk * vocab * (4 + copy) + heads * (vocab + tokens) * h * activation_bytes  # + each loss's d hidden
+    heads = 2 if tc.num_nextn_predict_layers and cfg.mtp_loss_weight > 0 else 1  # next token, MTP
+    fp32_copies = 2 if per_token_loss and entropy else 1
+    # each loss's weight gradient and hidden-state gradient (the summed path holds both from its forward)
+    return chunk * vocab * (4 * fp32_copies + copy) + heads * (vocab + tokens) * h * activation_bytes
 
 
 def vision_activation_elements(vc, patches: int, activation_checkpointing: bool) -> int:
@@ -186,7 +188,8 @@ def grpo_phases(cfg, mcfg, dp: int) -> dict[str, dict]:
     length = rl.max_prompt_tokens + rl.max_new_tokens
     train = estimate(mcfg, length, dp, 1, cfg.train.micro_batch_size, cfg.train.activation_checkpointing, compute,
                      engine=cfg.parallel.engine, zero_stage=cfg.parallel.zero_stage,
-                     vision_patches=4 * rl.max_prompt_tokens * cfg.train.micro_batch_size, per_token_loss=True)
+                     vision_patches=4 * rl.max_prompt_tokens * cfg.train.micro_batch_size, per_token_loss=True,
+                     entropy=rl.entropy_coef > 0)
     n = sum(parameter_counts(mcfg).values())
     reference = n / dp * 4 / GIB if rl.kl_coef > 0 else 0.0
     train["kl_reference"] = reference

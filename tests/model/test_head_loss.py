@@ -1,6 +1,7 @@
 """The chunked LM-head loss: the summed path (gradients made in the forward, model.vlm._SummedLinearCE)
-equals autograd through the plain cross-entropy, and the model's two paths (summed for pretraining
-and SFT, per-token log-probs for RL) give the same loss and gradients."""
+and the per-token path (RL's: losses and entropies weighted token by token, model.vlm._TokenLinearCE)
+equal autograd through the plain log-softmax, and the model's two paths give the same loss and
+gradients."""
 
 import pytest
 import torch
@@ -40,6 +41,37 @@ def test_summed_loss_and_gradients_equal_autograd(chunk, scale):
         no_grad = chunked_cross_entropy(h, w, t, chunk, scale, summed=True)
     torch.testing.assert_close(no_grad[0], losses, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(no_grad[3], total.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_per_token_losses_entropies_and_gradients_equal_autograd(entropy):
+    """RL's path (model.vlm._TokenLinearCE): every token's loss and entropy weighted by its own number,
+    against autograd through log-softmax over the whole logits."""
+    h, w, t = _inputs(seed=2)
+    valid = t.reshape(-1) != -100
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(int(valid.sum()), generator=g), torch.randn(int(valid.sum()), generator=g)
+    ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    log_p = (F.linear(ref_h.reshape(-1, 16)[valid], ref_w) * 0.8).log_softmax(-1)
+    ref_losses = -log_p.gather(1, t.reshape(-1)[valid, None]).squeeze(1)
+    ref_ent = -(log_p.exp() * log_p).sum(-1)
+    ((a * ref_losses).sum() + ((b * ref_ent).sum() if entropy else 0)).backward()
+
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    losses, mask, ent = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=entropy)
+    assert torch.equal(mask, valid) and (ent is not None) == entropy
+    torch.testing.assert_close(losses, ref_losses.detach(), rtol=1e-6, atol=1e-6)
+    if entropy:
+        torch.testing.assert_close(ent, ref_ent.detach(), rtol=1e-5, atol=1e-6)
+    ((a * losses).sum() + ((b * ent).sum() if entropy else 0)).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        no_grad = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=entropy)
+    torch.testing.assert_close(no_grad[0], losses.detach(), rtol=1e-6, atol=1e-6)
+    if entropy:
+        torch.testing.assert_close(no_grad[2], ent.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_summed_loss_frozen_head_and_one_backward():
