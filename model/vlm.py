@@ -52,10 +52,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           scale: float = 1.0, entropy: bool = False, summed: bool = False):
     """Cross-entropy of softmax(scale * logits) at every position with a target, computed chunk by
     chunk through the LM head `weight`, so the [tokens x vocab] logits never exist whole. Returns
-    (losses [valid positions], valid mask, entropies [valid] or None).
+    (losses [valid positions], valid mask, entropies [valid] or None, the losses' sum).
 
     `summed=True` (a loss that is a function of the losses' sum only, as pretraining's and SFT's are):
-    the losses come back detached, with a 4th element, their sum, carrying the gradient. That sum's
+    the losses come back detached and only their sum carries the gradient. That sum's
     gradient is one number, so each chunk's gradients (for `hidden` and `weight`) are computed in the
     forward, from the softmax the loss needs anyway (`_SummedLinearCE`). Otherwise (RL weighs every
     token's log-prob by its own advantage) the forward keeps each token's log-sum-exp and the backward
@@ -76,7 +76,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     else:
         stats = [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, chunk)]
         losses, entropies = _cat([x[0] for x in stats], h), _cat([x[1] for x in stats], h) if entropy else None
-    return losses, valid, entropies if entropy else None
+    return losses, valid, entropies if entropy else None, losses.sum()
 
 
 def _chunks(h: torch.Tensor, t: torch.Tensor, chunk: int):
@@ -104,6 +104,15 @@ def _chunk_exp(h, weight, t, scale: float, keep: bool = False):
     total = e.sum(-1, keepdim=True)
     lse = (top + total.log()).squeeze(-1)
     return lse - target, lse, e, total, z if keep else None
+
+
+def _add_head_grads(g, weight, hc, dh, dw, rows: slice) -> None:
+    """A chunk's d loss / d logits `g` (fp32) into dh[rows] = g W and dw += g^T h, in the weight's dtype."""
+    g = g.to(weight.dtype)
+    if dh is not None:
+        torch.mm(g, weight, out=dh[rows])
+    if dw is not None:
+        dw.addmm_(g.t(), hc)
 
 
 def _chunk_softmax(h, weight, t, scale: float):
@@ -169,11 +178,8 @@ class _TokenLinearCE(torch.autograd.Function):
                 del ent_term
             if ctx.scale != 1.0:
                 g.mul_(ctx.scale)
-            g = g.to(weight.dtype)
-            if dh is not None:
-                torch.mm(g, weight, out=dh[i : i + ctx.chunk])
-            if dw is not None:
-                dw.addmm_(g.t(), hc)
+            _add_head_grads(g, weight, hc, dh, dw, rows)
+            del g
         return dh, dw, None, None, None, None
 
 
@@ -187,8 +193,8 @@ class _SummedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, t, chunk: int, scale: float):
-        dh = torch.zeros_like(h) if h.requires_grad else None
-        dw = torch.zeros_like(weight) if weight.requires_grad else None
+        dh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         losses = []
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i : i + chunk], t[i : i + chunk]
@@ -197,12 +203,8 @@ class _SummedLinearCE(torch.autograd.Function):
             p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
             if scale != 1.0:
                 p.mul_(scale)
-            g = p.to(weight.dtype)
+            _add_head_grads(p, weight, hc, dh, dw, slice(i, i + chunk))
             del p
-            if dh is not None:
-                torch.mm(g, weight, out=dh[i : i + chunk])
-            if dw is not None:
-                dw.addmm_(g.t(), hc)
         losses = _cat(losses, h)
         ctx.save_for_backward(*(x for x in (dh, dw) if x is not None))
         ctx.has, ctx.used = (dh is not None, dw is not None), False
@@ -224,8 +226,9 @@ class HeadLoss(nn.Module):
     """`chunked_cross_entropy` as a module of its own, called once per loss (next token, MTP) whatever
     the number of chunks. It holds no parameter: it reads the LM head's weight, which ZeRO-3 gathers
     around this module (`Exaone45.external_parameters`) for its forward and its backward (where RL's
-    per-token path recomputes the chunks; the summed path made its gradients in the forward). Calling the head module per chunk instead would make the sequence of module
-    calls depend on each rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
+    per-token path recomputes the chunks; the summed path made its gradients in the forward).
+    Calling the head module per chunk instead would make the sequence of module calls depend on each
+    rank's token count, which ZeRO-3's prefetch trace requires to be equal."""
 
     def forward(self, hidden, weight, targets, chunk: int, scale: float = 1.0, entropy: bool = False,
                 summed: bool = False):
@@ -349,12 +352,11 @@ class Exaone45(nn.Module):
         # Without per-token outputs the loss depends on the losses' sum only: its gradients are made in the
         # forward (chunked_cross_entropy's `summed`); RL's per-token log-probs take the recomputing path.
         summed = not (token_logprobs or token_entropy)
-        head = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk, 1.0 / temperature, token_entropy,
-                              summed)
-        losses, valid, entropy = head[:3]
+        losses, valid, entropy, out.lm_loss_sum = self.head_loss(hidden, self.lm_head.weight, shard.targets, chunk,
+                                                                 1.0 / temperature, token_entropy, summed)
         if token_logprobs:
             out.token_logprobs, out.token_entropy = -losses, entropy
-        out.lm_loss_sum, out.lm_tokens = head[3] if summed else losses.sum(), int(valid.sum())
+        out.lm_tokens = int(valid.sum())
         out.lm_loss = out.lm_loss_sum / max(out.lm_tokens, 1)
         token_loss = torch.zeros(valid.shape, device=hidden.device)
         token_loss[valid] = losses.detach()
