@@ -25,12 +25,14 @@ every task, and stages whose mixtures share the sources evaluate on the same bat
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,6 +83,12 @@ class DataConfig:
     demo_scale: float = 1.0  # size of that first-use build (1.0: ~38k training samples, ~45 s)
     enable_thinking: bool = True  # render reasoning where samples have it
     prefetch_factor: int = 4
+    # How data-loader workers start. spawn (default): a fresh interpreter per worker, a second or two
+    # each, and safe at any time. fork: instant, but forking a process that already runs threads
+    # (wandb's, the process group's, OpenMP's) can deadlock the child inside fork itself -- a hung
+    # run with no error, as a held-out evaluation once did here.
+    worker_start_method: str = "spawn"
+    worker_timeout_s: float = 600.0  # a worker that yields no batch for this long fails the run (0: wait forever)
     # Facts of the model, not knobs of the data: a run sets them from its model config
     # (training.config.load_config); the defaults are EXAONE 4.5's, for the data commands on their own.
     special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
@@ -397,6 +405,9 @@ class _Stateful:
     def _record(self, slot: int, state: dict) -> None:
         self._states[slot] = state
         self._next = (slot + 1) % self._slots
+        self._warn(state)
+
+    def _warn(self, state: dict) -> None:
         for reason in state["skipped"]:
             if reason not in self._warned:
                 self._warned.add(reason)
@@ -433,10 +444,14 @@ def _leave_sigterm_to_the_rank(worker_id: int) -> None:
     data-loader workers too: they ignore it, so their rank can finish its step, agree on stopping
     with the other ranks and checkpoint (training/trainer.py), then end them itself. A worker killed
     by the signal would instead make the rank raise "DataLoader worker ... is killed by signal".
-    Since they no longer die of SIGTERM, they die with their rank instead (Linux: the kernel sends
-    them SIGKILL when it exits, however it exits): an orphaned worker with batches nobody reads would
-    block forever flushing its queue, holding the job's pipes open."""
+    The worker starts with SIGTERM blocked (`_holding_sigterm`), so one sent while it was still
+    starting waits, and is dropped here once ignored. Since they no longer die of SIGTERM, they die
+    with their rank instead (Linux: the kernel sends them SIGKILL when it exits, however it exits):
+    an orphaned worker with batches nobody reads would block forever flushing its queue, holding the
+    job's pipes open."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
         import ctypes
 
@@ -445,26 +460,103 @@ def _leave_sigterm_to_the_rank(worker_id: int) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _holding_sigterm():
+    """SIGTERM blocked in this thread while data-loader workers start: a started process inherits the
+    signal mask (across exec too), so a spawned worker cannot die of a SIGTERM in the second or two
+    before `_leave_sigterm_to_the_rank` runs. The rank's own SIGTERM is only delayed until this ends
+    (another thread may also take it: Python runs the handler in the main thread either way)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Loader(_Stateful):
-    """Iterable of packed Batches; iterating again continues where the last batch handed out left off."""
+    """Iterable of packed Batches; iterating again continues where the last batch handed out left off.
+    `first(n)` replays the first n batches from the present state instead (held-out evaluation)."""
+
+    def __init__(self, spec: _Spec, rank: int, world_size: int, num_workers: int):
+        super().__init__(spec, rank, world_size, num_workers)
+        self._replay: Optional[tuple[str, Any]] = None  # (the state it replays, its persistent DataLoader)
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _SlotDataset(self.spec, self.rank, self.world_size, self.num_workers, list(self._states), self._next)
+        def start():  # at the first batch asked for, from the state then
+            dataset = self._dataset()
+            return iter(dataset) if self.num_workers == 0 else self._start(self._data_loader(dataset, persistent=False))
+
+        return self._read(start, record=True)
+
+    def first(self, n: int) -> Iterator[Batch]:
+        """The first `n` batches from the loader's present state, the same batches at every call,
+        leaving that state as it is. The data workers persist from one call to the next (they
+        restart from the same state), so an evaluation starts no process; they are rebuilt only if
+        the state has changed (load_state_dict) since the last call."""
         if self.num_workers == 0:
-            iterator = iter(dataset)
-        else:
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.spec.cfg.prefetch_factor,
-                pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=_leave_sigterm_to_the_rank)
-            iterator = iter(loader)
+            iterator = iter(self._dataset())
+            return self._read(lambda: iterator, record=False, limit=n)
+        key = json.dumps([self._states, self._next])
+        if self._replay is None or self._replay[0] != key:
+            self.close()
+            per_worker = -(-max(n, 1) // self.num_workers)  # what one evaluation reads: no batch buffered beyond it
+            self._replay = (key, self._data_loader(self._dataset(), persistent=True,
+                                                   prefetch=min(self.spec.cfg.prefetch_factor, per_worker)))
+        iterator = self._start(self._replay[1])  # now: the workers restart from the replayed state
+        return self._read(lambda: iterator, record=False, limit=n, shutdown=False)
+
+    def close(self) -> None:
+        """Stops the workers `first` keeps (they also end with the process)."""
+        if self._replay is not None:
+            iterator = getattr(self._replay[1], "_iterator", None)
+            if iterator is not None:
+                iterator._shutdown_workers()
+            self._replay = None
+
+    def _dataset(self) -> _SlotDataset:
+        return _SlotDataset(self.spec, self.rank, self.world_size, self.num_workers, list(self._states), self._next)
+
+    def _data_loader(self, dataset, persistent: bool, prefetch: Optional[int] = None):
+        cfg = self.spec.cfg
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=prefetch or cfg.prefetch_factor,
+            pin_memory=torch.cuda.is_available(), persistent_workers=persistent, worker_init_fn=_leave_sigterm_to_the_rank,
+            multiprocessing_context=cfg.worker_start_method, timeout=cfg.worker_timeout_s)
+
+    def _start(self, loader):
+        if self.spec.cfg.worker_start_method == "spawn":  # a spawn starts multiprocessing's resource tracker once,
+            from multiprocessing import resource_tracker  # unblocking SIGTERM after it: start it before the block
+
+            resource_tracker.ensure_running()
+        with _holding_sigterm():
+            return iter(loader)
+
+    def _read(self, start, record: bool, limit: Optional[int] = None, shutdown: bool = True) -> Iterator[Batch]:
+        count, iterator = 0, start()
         try:
-            for slot, batch, state in iterator:
-                self._record(slot, state)
+            while limit is None or count < limit:
+                try:
+                    slot, batch, state = next(iterator)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    if "timed out" in str(e):
+                        raise RuntimeError(f"data: no batch from the data-loader workers in data.worker_timeout_s="
+                                           f"{self.spec.cfg.worker_timeout_s} s ({e}); a worker may be hung") from e
+                    raise
+                count += 1
+                if record:
+                    self._record(slot, state)
+                else:
+                    self._warn(state)
                 yield batch
         finally:
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            stop = getattr(iterator, "_shutdown_workers", None)
+            if shutdown and stop is not None:
+                stop()
 
 
 class SampleStream(_Stateful):
@@ -490,6 +582,10 @@ def _spec(cfg, tokenizer, world_size: int, seed: int, split: str, seq_len: int, 
         raise ValueError(f"split={split!r}: expected train or heldout")
     if not 0 < world_size:
         raise ValueError("world_size must be positive")
+    if cfg.worker_start_method not in ("spawn", "fork"):
+        raise ValueError(f"data.worker_start_method={cfg.worker_start_method!r}: expected spawn or fork")
+    if not cfg.worker_timeout_s >= 0:
+        raise ValueError(f"data.worker_timeout_s={cfg.worker_timeout_s}: expected seconds >= 0 (0: no limit)")
     ensure_demo_corpus(cfg)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)

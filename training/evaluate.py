@@ -19,15 +19,11 @@ def heldout_loss(run) -> dict:
     from .trainer import model_forward
 
     cfg, d = run.cfg, run.d
-    if run.heldout is None:  # the same held-out batches at every evaluation
-        loader = build_loader(cfg.data, tokenizer=run.tokenizer, rank=d.dp_rank, world_size=d.dp, seed=0,
-                              micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len, split="heldout")
-        run.heldout = (loader, loader.state_dict())
-    loader, start = run.heldout
-    loader.load_state_dict(start)
+    if run.heldout is None:  # the same held-out batches at every evaluation (Loader.first), its workers kept
+        run.heldout = build_loader(cfg.data, tokenizer=run.tokenizer, rank=d.dp_rank, world_size=d.dp, seed=0,
+                                   micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len, split="heldout")
     forward = lambda batch: model_forward(run, batch)  # noqa: E731
-    return loss_row(all_reduce_sum(task_loss_sums(forward, (b for _, b in zip(range(cfg.eval.batches), loader)), run.module),
-                                   d.device))
+    return loss_row(all_reduce_sum(task_loss_sums(forward, run.heldout.first(cfg.eval.batches), run.module), d.device))
 
 
 def model_sums(model, batches: Iterable, device) -> list[float]:

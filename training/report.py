@@ -79,9 +79,10 @@ def evaluate_model(model, tokenizer, data_cfg: dict, batches: int = 2, prompts: 
     device = next(model.parameters()).device
     sums = [0.0] * (2 * len(TASKS))
     for source in heldout_sources(cfg, list(cfg.sources or TASKS)):  # every source with a held-out split
-        loader = build_loader({**data_cfg, "mixture": {source: 1.0}}, tokenizer=tokenizer, rank=0, world_size=1, seed=0,
-                              micro_batch_size=4, seq_len=cfg.seq_len, split="heldout")
-        part = model_sums(model, (b for _, b in zip(range(batches), loader)), device)
+        # a few batches per source: read in this process (a worker would cost more to start than it reads)
+        loader = build_loader({**data_cfg, "mixture": {source: 1.0}, "num_workers": 0}, tokenizer=tokenizer, rank=0,
+                              world_size=1, seed=0, micro_batch_size=4, seq_len=cfg.seq_len, split="heldout")
+        part = model_sums(model, loader.first(batches), device)
         sums = [a + b for a, b in zip(sums, part)]
     row = loss_row(sums)
     if prompts:

@@ -47,7 +47,7 @@ class Run:
     preempted: bool = False  # the ranks' agreed verdict (_stop_requested)
     sigterm: bool = False  # this rank received SIGTERM (set by the handler only, never reset)
     extra_state: dict = field(default_factory=dict)  # a step function's own resumable state
-    heldout: Any = None  # (held-out loader, its initial state) once evaluation has run
+    heldout: Any = None  # the held-out loader once evaluation has run (training/evaluate.py)
     data_iter: Any = None  # the loader's iterator once pretrain_step has started it
 
     @property
@@ -237,6 +237,8 @@ def train(run: Run, step: Callable[[Run], dict] = pretrain_step, evaluate: Optio
     if run.data_iter is not None:
         run.data_iter.close()  # shuts the data-loader workers down (data/mixture.py Loader.__iter__)
         run.data_iter = None
+    if run.heldout is not None:
+        run.heldout.close()  # and the held-out loader's, which it keeps between evaluations
     if run.preempted and d.is_main:
         print(f"{cfg.stage}: stopped by SIGTERM after step {run.step} (checkpoint saved); rerun the same command "
               "to resume", flush=True)

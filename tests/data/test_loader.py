@@ -1,5 +1,9 @@
 import json
 import logging
+import multiprocessing
+import os
+import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -167,6 +171,53 @@ def test_heldout_split_is_deterministic_and_complete(demo_corpus, demo_tokenizer
     # mixed, not source after source: the first batches (what evaluation reads) cover most tasks
     first = {t for x in a[:4] for t in x.task_ids.unique().tolist() if t >= 0}
     assert len(first) >= 7, first
+
+
+def test_first_replays_from_spawned_workers_kept_between_calls_that_survive_an_early_sigterm(demo_corpus,
+                                                                                           demo_tokenizer):
+    """Evaluation reads loader.first(n): the same batches at every call, from workers started once
+    and kept. They are spawned, not forked: a fork of a rank that already runs threads (wandb's,
+    gloo's) once hung the demo's held-out evaluation inside fork itself. A SIGTERM reaching them while
+    they still start (scancel signals every process of the job) is held until they ignore it."""
+    loader = build_loader(_cfg(demo_corpus, num_workers=2), tokenizer=demo_tokenizer, rank=0, world_size=1,
+                          seed=0, micro_batch_size=2, seq_len=512, split="heldout")
+    before = {p.pid for p in multiprocessing.active_children()}
+    first = loader.first(3)  # the workers start here, before a batch is asked for
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert sorted(type(p).__name__ for p in workers) == ["SpawnProcess"] * 2
+    for p in workers:
+        os.kill(p.pid, signal.SIGTERM)
+    a = list(first)
+    assert all(p.is_alive() for p in workers)
+    b, c = list(loader.first(3)), list(loader.first(5))
+    assert {p.pid for p in multiprocessing.active_children()} - before == {p.pid for p in workers}  # the same ones
+    assert len(a) == 3 and len(c) == 5
+    for x, y, z in zip(a, b, c):
+        assert x.sample_ids == y.sample_ids == z.sample_ids and torch.equal(x.input_ids, z.input_ids)
+    assert [x.sample_ids for x in c] == [x.sample_ids for _, x in zip(range(5), loader)]  # iterating: the same start
+    loader.close()
+    for p in workers:
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+def test_a_hung_worker_fails_the_run_naming_the_timeout_key(tmp_path, demo_corpus, demo_tokenizer):
+    """A worker blocked for good (here on a shard that is a FIFO nobody writes, as on a dead network
+    mount) raises after data.worker_timeout_s instead of hanging the job."""
+    source = tmp_path / "heldout" / "math"
+    source.mkdir(parents=True)
+    shutil.copy(list_shards(demo_corpus / "heldout" / "math")[0], source / "a.tar")
+    os.mkfifo(source / "b.tar")
+    loader = build_loader(_cfg(tmp_path, num_workers=1, worker_timeout_s=3, mixture={"math": 1.0}, build_demo=False),
+                          tokenizer=demo_tokenizer, rank=0, world_size=1, seed=0, micro_batch_size=2, seq_len=512,
+                          split="heldout")
+    with pytest.raises(RuntimeError, match=r"data.worker_timeout_s=3"):
+        list(loader)
+    fd = os.open(source / "b.tar", os.O_WRONLY | os.O_NONBLOCK)  # let the worker go (it reads an empty shard)
+    os.close(fd)
+    with pytest.raises(ValueError, match="data.worker_start_method='forkserver'"):
+        build_loader(_cfg(demo_corpus, worker_start_method="forkserver"), tokenizer=demo_tokenizer, rank=0,
+                     world_size=1, seed=0, micro_batch_size=2)
 
 
 def test_iter_heldout_by_task(demo_corpus):
