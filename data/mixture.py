@@ -531,22 +531,28 @@ class Loader(_Stateful):
             from multiprocessing import resource_tracker  # unblocking SIGTERM after it: start it before the block
 
             resource_tracker.ensure_running()
-        with _holding_sigterm():
+        with _holding_sigterm(), self._naming_the_timeout():  # a persistent loader's restart waits on its workers
             return iter(loader)
+
+    @contextlib.contextmanager
+    def _naming_the_timeout(self):
+        try:
+            yield
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise RuntimeError(f"data: no batch from the data-loader workers in data.worker_timeout_s="
+                               f"{self.spec.cfg.worker_timeout_s} s ({e}); a worker may be hung") from e
 
     def _read(self, start, record: bool, limit: Optional[int] = None, shutdown: bool = True) -> Iterator[Batch]:
         count, iterator = 0, start()
         try:
             while limit is None or count < limit:
-                try:
-                    slot, batch, state = next(iterator)
-                except StopIteration:
+                with self._naming_the_timeout():
+                    item = next(iterator, None)
+                if item is None:
                     return
-                except RuntimeError as e:
-                    if "timed out" in str(e):
-                        raise RuntimeError(f"data: no batch from the data-loader workers in data.worker_timeout_s="
-                                           f"{self.spec.cfg.worker_timeout_s} s ({e}); a worker may be hung") from e
-                    raise
+                slot, batch, state = item
                 count += 1
                 if record:
                     self._record(slot, state)
