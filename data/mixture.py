@@ -362,21 +362,25 @@ class _Skip(Exception):
 
 
 class _SlotDataset(torch.utils.data.IterableDataset):
-    """Runs one slot per data-loader worker; worker p plays slot (p + first_slot) % num_workers."""
+    """Runs one slot per data-loader worker; worker p plays slot (p + first_slot) % num_workers, and
+    makes at most `limit` batches per iteration if one is given."""
 
-    def __init__(self, spec: _Spec, rank: int, world_size: int, num_workers: int, slot_states: list, first_slot: int):
+    def __init__(self, spec: _Spec, rank: int, world_size: int, num_workers: int, slot_states: list, first_slot: int,
+                 limit: Optional[int] = None):
         self.spec, self.rank, self.world_size, self.num_workers = spec, rank, world_size, max(1, num_workers)
-        self.slot_states, self.first_slot = slot_states, first_slot
+        self.slot_states, self.first_slot, self.limit = slot_states, first_slot, limit
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         local = ((info.id if info else 0) + self.first_slot) % self.num_workers
         stream = SlotStream(self.spec, self.rank * self.num_workers + local, self.world_size * self.num_workers,
                             self.slot_states[local])
-        while True:
+        made = 0
+        while self.limit is None or made < self.limit:
             batch = stream.next_batch()
             if batch is None:
                 return
+            made += 1
             yield local, batch, stream.state()
 
 
@@ -495,16 +499,16 @@ class Loader(_Stateful):
         """The first `n` batches from the loader's present state, the same batches at every call,
         leaving that state as it is. The data workers persist from one call to the next (they
         restart from the same state), so an evaluation starts no process; they are rebuilt only if
-        the state has changed (load_state_dict) since the last call."""
+        the state or `n` has changed since the last call. Each worker makes only its share of the n
+        batches (rotation: worker p makes batches p, p + workers, ...), then idles: nothing is read
+        ahead of the next call or held in memory until it."""
         if self.num_workers == 0:
             iterator = iter(self._dataset())
             return self._read(lambda: iterator, record=False, limit=n)
-        key = json.dumps([self._states, self._next])
+        key = json.dumps([self._states, self._next, n])
         if self._replay is None or self._replay[0] != key:
             self.close()
-            per_worker = -(-max(n, 1) // self.num_workers)  # what one evaluation reads: no batch buffered beyond it
-            self._replay = (key, self._data_loader(self._dataset(), persistent=True,
-                                                   prefetch=min(self.spec.cfg.prefetch_factor, per_worker)))
+            self._replay = (key, self._data_loader(self._dataset(limit=-(-n // self.num_workers)), persistent=True))
         iterator = self._start(self._replay[1])  # now: the workers restart from the replayed state
         return self._read(lambda: iterator, record=False, limit=n, shutdown=False)
 
@@ -516,13 +520,14 @@ class Loader(_Stateful):
                 iterator._shutdown_workers()
             self._replay = None
 
-    def _dataset(self) -> _SlotDataset:
-        return _SlotDataset(self.spec, self.rank, self.world_size, self.num_workers, list(self._states), self._next)
+    def _dataset(self, limit: Optional[int] = None) -> _SlotDataset:
+        return _SlotDataset(self.spec, self.rank, self.world_size, self.num_workers, list(self._states), self._next,
+                            limit)
 
-    def _data_loader(self, dataset, persistent: bool, prefetch: Optional[int] = None):
+    def _data_loader(self, dataset, persistent: bool):
         cfg = self.spec.cfg
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=prefetch or cfg.prefetch_factor,
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=cfg.prefetch_factor,
             pin_memory=torch.cuda.is_available(), persistent_workers=persistent, worker_init_fn=_leave_sigterm_to_the_rank,
             multiprocessing_context=cfg.worker_start_method, timeout=cfg.worker_timeout_s)
 

@@ -189,14 +189,17 @@ def test_first_replays_from_spawned_workers_kept_between_calls_that_survive_an_e
         os.kill(p.pid, signal.SIGTERM)
     a = list(first)
     assert all(p.is_alive() for p in workers)
-    b, c = list(loader.first(3)), list(loader.first(5))
+    b = list(loader.first(3))
     assert {p.pid for p in multiprocessing.active_children()} - before == {p.pid for p in workers}  # the same ones
+    c = list(loader.first(5))  # another n: new workers (each makes only its share of the n batches)
+    assert not any(p.is_alive() for p in workers)
     assert len(a) == 3 and len(c) == 5
     for x, y, z in zip(a, b, c):
         assert x.sample_ids == y.sample_ids == z.sample_ids and torch.equal(x.input_ids, z.input_ids)
     assert [x.sample_ids for x in c] == [x.sample_ids for _, x in zip(range(5), loader)]  # iterating: the same start
+    now = [p for p in multiprocessing.active_children() if p.pid not in before]
     loader.close()
-    for p in workers:
+    for p in now:
         p.join(timeout=30)
         assert not p.is_alive()
 
