@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +44,7 @@ from .packing import Batch, Doc, Packer
 from .schema import TASK_INDEX, SchemaError, Sample
 from .shards import RawSample, ShardError, ShardStream, decode_sample, iter_tar, list_shards
 from .text import SpecialTokens, check_special_tokens, load_tokenizer, sample_images, tokenize_sample
+from .workers import holding_sigterm, leave_sigterm_to_the_rank
 
 log = logging.getLogger(__name__)
 
@@ -443,43 +442,6 @@ class _Stateful:
         self._carried = Counter(sd.get("carried_skips", {}))
 
 
-def _leave_sigterm_to_the_rank(worker_id: int) -> None:
-    """A scheduler's SIGTERM (SLURM's scancel, Kubernetes) reaches every process of the job, the
-    data-loader workers too: they ignore it, so their rank can finish its step, agree on stopping
-    with the other ranks and checkpoint (training/trainer.py), then end them itself. A worker killed
-    by the signal would instead make the rank raise "DataLoader worker ... is killed by signal".
-    The worker starts with SIGTERM blocked (`_holding_sigterm`), so one sent while it was still
-    starting waits, and is dropped here once ignored. Since they no longer die of SIGTERM, they die
-    with their rank instead (Linux: the kernel sends them SIGKILL when it exits, however it exits):
-    an orphaned worker with batches nobody reads would block forever flushing its queue, holding the
-    job's pipes open."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the DataLoader's own parent watchdog remains
-        pass
-
-
-@contextlib.contextmanager
-def _holding_sigterm():
-    """SIGTERM blocked in this thread while data-loader workers start: a started process inherits the
-    signal mask (across exec too), so a spawned worker cannot die of a SIGTERM in the second or two
-    before `_leave_sigterm_to_the_rank` runs. The rank's own SIGTERM is only delayed until this ends
-    (another thread may also take it: Python runs the handler in the main thread either way)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class Loader(_Stateful):
     """Iterable of packed Batches; iterating again continues where the last batch handed out left off.
     `first(n)` replays the first n batches from the present state instead (held-out evaluation)."""
@@ -528,16 +490,12 @@ class Loader(_Stateful):
         cfg = self.spec.cfg
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=cfg.prefetch_factor,
-            pin_memory=torch.cuda.is_available(), persistent_workers=persistent, worker_init_fn=_leave_sigterm_to_the_rank,
+            pin_memory=torch.cuda.is_available(), persistent_workers=persistent, worker_init_fn=leave_sigterm_to_the_rank,
             multiprocessing_context=cfg.worker_start_method, timeout=cfg.worker_timeout_s)
 
     def _start(self, loader):
-        if self.spec.cfg.worker_start_method == "spawn":  # a spawn starts multiprocessing's resource tracker once,
-            from multiprocessing import resource_tracker  # unblocking SIGTERM after it: start it before the block
-
-            resource_tracker.ensure_running()
-        with _holding_sigterm(), self._naming_the_timeout():  # a persistent loader's restart waits on its workers
-            return iter(loader)
+        with holding_sigterm(self.spec.cfg.worker_start_method), self._naming_the_timeout():  # a persistent
+            return iter(loader)  # loader's restart waits on its workers
 
     @contextlib.contextmanager
     def _naming_the_timeout(self):
