@@ -130,10 +130,15 @@ class ContextParallelMaskSpec(MaskSpec):
         return self._cache[key]
 
 
+# torch 2.13 renamed all_gather_tensor_autograd (now deprecated) to all_gather_single_autograd; torch 2.11,
+# the GPU machine's, has only the former.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's `x`, in rank order; backward reduce-scatters the gradients to their owners.
     (torch.distributed.nn.functional.all_gather does the same but is deprecated.)"""
-    gathered = funcol.all_gather_single_autograd(x.contiguous(), 0, group)
+    gathered = _all_gather_autograd(x.contiguous(), 0, group)
     return list(gathered.view(dist.get_world_size(group), *x.shape).unbind(0))
 
 
