@@ -261,7 +261,7 @@ class Exaone45(nn.Module):
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.mtp = MTP(tc) if tc.num_nextn_predict_layers > 0 else None
         self.head_loss = HeadLoss()
-        self.vision_in_every_step = False  # set by data-parallel training, see _blank_image_features
+        self.vision_in_every_step = False  # set by training (parallelize), see _blank_image_features
         self.set_attn_impl(cfg.attn_impl)
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
@@ -301,10 +301,11 @@ class Exaone45(nn.Module):
         return h.masked_scatter(mask[..., None], image_features.to(h.dtype))
 
     def _blank_image_features(self) -> torch.Tensor:
-        """The vision tower on one blank image of 2 merge units (m x 2m patches). Data-parallel training
-        runs it on ranks whose batch has no image, so every rank runs the same collectives (FSDP
-        all-gathers, gradient reductions) whether or not its batch holds images; its output is
-        multiplied by zero. Two units, not one: a size-1 dimension would be specialized by
+        """The vision tower on one blank image of 2 merge units (m x 2m patches). Training runs it
+        when a batch has no image (`vision_in_every_step`), so every rank runs the same collectives
+        (FSDP all-gathers, gradient reductions) whether or not its batch holds images, and the tower
+        gets zero gradients rather than none (the optimizer then steps it as it would on N ranks); its
+        output is multiplied by zero. Two units, not one: a size-1 dimension would be specialized by
         torch.compile and recompile the vision blocks once more."""
         vc = self.cfg.vision_config
         m = vc.spatial_merge_size

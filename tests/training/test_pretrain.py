@@ -23,6 +23,22 @@ def fixed_batches(tmp_path_factory, demo_corpus, demo_tokenizer):
     return path
 
 
+@pytest.fixture(scope="module")
+def batches_with_an_image_free_step(tmp_path_factory, fixed_batches):
+    """fixed_batches with an image-free one third, so step 3 of a 4-step run on one row per step has no
+    image: the vision tower must get zero gradients there, not none, or one process's AdamW skips it (no
+    momentum, no weight decay) while N ranks step it (they run the blank vision pass); that left their
+    held-out losses 5e-5 apart at step 4 (caption)."""
+    batches = torch.load(fixed_batches, weights_only=False)
+    text_only = next((i for i, b in enumerate(batches) if b.pixel_values is None), None)
+    assert text_only is not None, "the demo corpus gave no image-free batch of 256 tokens in the first eight"
+    batches.insert(2, batches.pop(text_only))
+    assert batches[2].pixel_values is None and sum(b.pixel_values is not None for b in batches[:4]) >= 2
+    path = tmp_path_factory.mktemp("batches_image_free_step") / "batches.pt"
+    torch.save(batches, path)
+    return path
+
+
 def _overrides(tmp_path, name, demo_corpus, *extra):
     return TINY + [f"run_dir={tmp_path / name}", f"data.root={demo_corpus}", "data.seq_len=256", "train.steps=4",
                    "train.micro_batch_size=1", "train.warmup_steps=1", "train.lr=3e-3", "checkpoint.every=100", *extra]
@@ -69,21 +85,21 @@ def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches
             assert (logits - load_for_inference(str(tmp_path / run))[0](ids).logits).abs().max() < 1e-4, run
 
 
-def test_context_parallel_training_matches_one_process(tmp_path, fixed_batches, demo_corpus):
+def test_context_parallel_training_matches_one_process(tmp_path, batches_with_an_image_free_step, demo_corpus):
     """parallel.cp=2 on 2 ranks (both hold the same batch, each half of its sequence) trains like one
     process: losses, per-task losses and token counts within 1e-5, gradient norms within 1e-4; both
-    CP kernels (all-gather under FSDP2 with compiled blocks, Ulysses under DeepSpeed). The compiled
-    blocks use the aot_eager backend: what CP changes under compile is the graph (the attention runs
-    eagerly between compiled projections and MLPs), which aot_eager traces as inductor does;
-    inductor's kernels are checked against eager in test_fsdp2_two_ranks_match_one_process_and_deepspeed
-    (a cold inductor compile costs ~40 s here)."""
+    CP kernels (all-gather under FSDP2 with compiled blocks, Ulysses under DeepSpeed); step 3 holds no
+    image (the vision tower steps as on one process). The compiled blocks use the aot_eager backend:
+    what CP changes under compile is the graph (the attention runs eagerly between compiled projections
+    and MLPs), which aot_eager traces as inductor does; inductor's kernels are checked against eager in
+    test_fsdp2_two_ranks_match_one_process_and_deepspeed (a cold inductor compile costs ~40 s here)."""
     evaluate = ["eval.every=2", "eval.batches=1"]  # held-out loss of whole sequences on a cp-patched model
-    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, *evaluate), fixed_batches)
+    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, *evaluate), batches_with_an_image_free_step)
     for impl, engine, compiled in (("allgather", "fsdp2", True), ("ulysses", "deepspeed", False)):
         cp = run_workers(2, _overrides(tmp_path, impl, demo_corpus, "parallel.cp=2", f"parallel.cp_impl={impl}",
                                        f"parallel.engine={engine}", f"train.compile={compiled}",
                                        "train.compile_backend=aot_eager", *evaluate),
-                         fixed_batches)
+                         batches_with_an_image_free_step)
         assert len(one) == len(cp) == 5  # step 0 (evaluation only), 1..4
         assert [k for k in one[2] if k.startswith("eval/")] == [k for k in cp[2] if k.startswith("eval/")] != []
         for key in (k for r in one for k in r if k.startswith("eval/")):
