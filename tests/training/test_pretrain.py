@@ -25,10 +25,10 @@ def fixed_batches(tmp_path_factory, demo_corpus, demo_tokenizer):
 
 @pytest.fixture(scope="module")
 def batches_with_an_image_free_step(tmp_path_factory, fixed_batches):
-    """fixed_batches with an image-free one third, so step 3 of a 4-step run on one row per step has no
-    image: the vision tower must get zero gradients there, not none, or one process's AdamW skips it (no
-    momentum, no weight decay) while N ranks step it (they run the blank vision pass); that left their
-    held-out losses 5e-5 apart at step 4 (caption)."""
+    """fixed_batches with an image-free batch moved to third place, so step 3 of a 4-step run on one row
+    per step has no image: the vision tower must get zero gradients there, not none, or one process's
+    AdamW skips it (no momentum, no weight decay) while N ranks step it (they run the blank vision pass);
+    that left their held-out losses 5e-5 apart at step 4 (caption)."""
     batches = torch.load(fixed_batches, weights_only=False)
     text_only = next((i for i, b in enumerate(batches) if b.pixel_values is None), None)
     assert text_only is not None, "the demo corpus gave no image-free batch of 256 tokens in the first eight"
