@@ -49,10 +49,6 @@ def prompt_loader(rl: RLCfg):
 
 def train(run: Run, rl: RLCfg) -> None:
     """The GRPO run: held-out evaluation before the first step and after the last, the step below."""
-    run.module.vision_in_every_step = True
-    # Every trainable parameter gets a gradient at every step, text-only ones included (a blank image
-    # through the vision tower, times zero): the optimizer state then covers every parameter from the
-    # first step, as a checkpoint's must for resuming, and data-parallel ranks run the same collectives.
     rollouts = build_rollouts(run, rl)
     try:
         step = GRPOStep(run, rl, rollouts)

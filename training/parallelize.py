@@ -78,10 +78,12 @@ def frozen_copy(cfg, d: Dist):
 def parallelize(module: Exaone45, cfg, d: Dist) -> Exaone45:
     """FP8 -> context parallelism -> activation checkpointing -> compile -> FSDP2, in place."""
     mcfg = module.cfg
-    # The vision tower runs every step, on a blank image times zero when the batch has none: FSDP2 and ZeRO
-    # issue collectives per module, so every rank must run it; and on one process too, so that an image-free
-    # step gives the tower zero gradients, not none. AdamW skips a parameter without a gradient (no momentum,
-    # no weight decay), so without the blank pass one process would train the tower differently from N.
+    # The vision tower runs every step of every stage (pretraining, SFT, GRPO), on a blank image times zero
+    # when the batch has none: FSDP2 and ZeRO issue collectives per module, so every rank must run it; and on
+    # one process too, so that an image-free step gives the tower zero gradients, not none. AdamW skips a
+    # parameter without a gradient (no momentum, no weight decay), so without the blank pass one process
+    # would train the tower differently from N; and the optimizer state covers every parameter from the
+    # first step, as a checkpoint's must for resuming.
     module.vision_in_every_step = True
     apply_fp8(module, mcfg.fp8, mcfg.fp8_modules, mcfg.fp8_scaling)
     if d.cp > 1:
