@@ -451,23 +451,6 @@ def run_config(kernel: str, fp8: str, compile_: bool):
     return cfg
 
 
-def parallelize_for_check(module, cfg, d, backend: str) -> None:
-    """training.parallelize.parallelize; with another compile backend (--quick on CPU: `eager`,
-    dynamo's tracing without inductor's code generation) the same steps in the same order."""
-    from training import parallelize as par
-
-    if backend == "inductor":
-        par.parallelize(module, cfg, d)
-        return
-    from model.fp8 import apply_fp8
-
-    mcfg = module.cfg
-    apply_fp8(module, mcfg.fp8, mcfg.fp8_modules, mcfg.fp8_scaling)
-    par.apply_activation_checkpointing(module)
-    par.apply_compile(module, backend=backend)
-    par.apply_fsdp2(module, d, bf16=True)
-
-
 def check_step(ctx: Ctx, out: Rows, kernel: str, fp8: str, syncs: bool = False) -> None:
     """One (kernel, fp8) configuration of the truncated 33B, in a world of one (NCCL / gloo)."""
     from model.vlm import Exaone45
@@ -475,7 +458,7 @@ def check_step(ctx: Ctx, out: Rows, kernel: str, fp8: str, syncs: bool = False) 
     from training.engine import build_engine
     from training.memory import estimate
     from training.metrics import decoder_flops_per_token, vision_flops_per_patch
-    from training.parallelize import load_weights, seeded_init
+    from training.parallelize import load_weights, parallelize, seeded_init
     from training.trainer import Run, pretrain_step
 
     item = f"{kernel_label(kernel, ctx)}, fp8={fp8}"
@@ -489,7 +472,9 @@ def check_step(ctx: Ctx, out: Rows, kernel: str, fp8: str, syncs: bool = False) 
     try:
         with torch.device("meta"):
             module = Exaone45(mcfg)
-        parallelize_for_check(module, cfg, d, "inductor" if ctx.cuda else "eager")
+        # --quick on CPU: `eager`, dynamo's tracing without inductor's code generation
+        cfg.train.compile_backend = "inductor" if ctx.cuda else "eager"
+        parallelize(module, cfg, d)
         module.to_empty(device=d.device)
         load_weights(module, d, seeded_init(mcfg, 0, module))
         engine = build_engine(cfg, d, module)
