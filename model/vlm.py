@@ -149,6 +149,7 @@ class _TokenLinearCE(torch.autograd.Function):
         ctx.chunk, ctx.scale, ctx.entropy = chunk, scale, entropy
         if not entropy:
             ctx.mark_non_differentiable(ent)
+        ctx.set_materialize_grads(False)  # an entropy kept for a metric only comes back as None, not zeros
         return losses, ent
 
     @staticmethod
@@ -161,10 +162,9 @@ class _TokenLinearCE(torch.autograd.Function):
             hc, tc, rows = h[i : i + ctx.chunk], t[i : i + ctx.chunk], slice(i, i + ctx.chunk)
             log_p = _scaled_logits(hc, weight, ctx.scale).sub_(lse[rows, None])
             ent_term = None
-            if ctx.entropy:  # two fp32 buffers: p, and p * (log p + H) made on log p
+            if ctx.entropy and grad_ent is not None:  # two fp32 buffers: p, and p * (log p + H) made on log p
                 p = log_p.exp()
-                if grad_ent is not None:
-                    ent_term = log_p.add_(ent[rows, None]).mul_(p).mul_(grad_ent[rows, None])
+                ent_term = log_p.add_(ent[rows, None]).mul_(p).mul_(grad_ent[rows, None])
             else:  # one
                 p = log_p.exp_()
             del log_p

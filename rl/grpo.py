@@ -9,7 +9,8 @@ tokens. One update composes the pieces as
     loss = loss + cfg.kl_coef * agg_loss(kl_k3(logp, ref_logp), mask, cfg.loss_agg)
     loss = loss - cfg.entropy_coef * agg_loss(entropy_from_logits(logits), mask, cfg.loss_agg)
 
-with `old_logp` computed once per rollout batch and reused for all `cfg.update_epochs`.
+with `old_logp` the first epoch's log-probs, detached (that epoch runs the weights the rollouts sampled),
+reused for all `cfg.update_epochs` (rl/update.py).
 """
 
 from __future__ import annotations

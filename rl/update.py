@@ -101,9 +101,9 @@ def _sequences(groups: RolloutGroups, rl: RLCfg) -> list[tuple]:
 
 
 def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
-    """Old (and reference) log-probs once, then `update_epochs` optimizer steps over this rank's
-    sequences, every rank running the same number of micro-batches (zero-loss ones where it has
-    none). Returns the step's metrics over all ranks, with `finite` (every update stepped) and
+    """`update_epochs` optimizer steps over this rank's sequences, every rank running the same number
+    of micro-batches (zero-loss ones where it has none); the old log-probs are the first epoch's
+    (detached), the reference's come from one pass before it. Returns the step's metrics over all ranks, with `finite` (every update stepped) and
     `tokens` (packed tokens of one pass).
 
     `rollout/logprob_diff_max`: the largest |log-prob the rollout engine sampled a token with - the
@@ -126,29 +126,33 @@ def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
         return row
     micro = [chunks[k] if k < len(chunks) else None for k in range(n_micro)]
     dummy = pack([], d.device)
-    old, ref, entropy, logprob_diff = [], [], 0.0, 0.0
-    with torch.no_grad():
-        for k, c in enumerate(micro):
-            logp, ent = response_logprobs(run.model, c or dummy, rl.temperature, entropy=True)
-            if c is not None:
-                old.append(logp)
-                entropy += ent.sum().item()
-                if len(sampled) == len(sequences) and c.num_response_tokens:
-                    engine_logp = torch.tensor([x for lps in sampled[k * mbs : (k + 1) * mbs] for x in lps],
-                                               dtype=torch.float32, device=logp.device)
-                    logprob_diff = max(logprob_diff, (logp.float() - engine_logp).abs().max().item())
-        for c in micro if reference is not None else ():
-            logp, _ = response_logprobs(reference, c or dummy, rl.temperature)
-            if c is not None:
-                ref.append(logp)
+    ref = []
+    if reference is not None:
+        with torch.no_grad():
+            for c in micro:
+                logp, _ = response_logprobs(reference, c or dummy, rl.temperature)
+                if c is not None:
+                    ref.append(logp)
+    old, entropy, logprob_diff = [None] * n_micro, 0.0, 0.0
     sums = {"loss": 0.0, "clipped": 0.0, "capped": 0.0, "approx_kl": 0.0, "kl": 0.0}
-    for _ in range(rl.update_epochs):
+    for epoch_index in range(rl.update_epochs):
+        first = epoch_index == 0
         epoch = {**{k: 0.0 for k in sums}, "non_finite": 0.0}
         for k, c in enumerate(micro):
-            logp, ent = response_logprobs(run.model, c or dummy, rl.temperature, entropy=rl.entropy_coef > 0)
+            # The first epoch runs the weights the rollouts sampled (the optimizer steps after the last
+            # micro-batch): its log-probs, detached, are the old policy's, so no separate pass makes them
+            # (a forward of every sequence saved: a fifth of a one-epoch update with checkpointing).
+            logp, ent = response_logprobs(run.model, c or dummy, rl.temperature, entropy=first or rl.entropy_coef > 0)
             if c is None:
                 loss = logp.sum() * 0.0
             else:
+                if first:
+                    old[k] = logp.detach()
+                    entropy += ent.detach().sum().item()
+                    if len(sampled) == len(sequences) and c.num_response_tokens:
+                        engine_logp = torch.tensor([x for lps in sampled[k * mbs : (k + 1) * mbs] for x in lps],
+                                                   dtype=torch.float32, device=logp.device)
+                        logprob_diff = max(logprob_diff, (old[k].float() - engine_logp).abs().max().item())
                 loss, m = micro_batch_loss(logp, ent, c, old[k], ref[k] if ref else None, rl)
                 loss = loss * _share(c, rl.loss_agg, totals)
                 n = c.num_response_tokens

@@ -173,3 +173,42 @@ def test_grpo_runs_under_deepspeed_zero3(tmp_path, demo_corpus):
     assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[1:])
     assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]
     assert any(r["num_train_groups"] > 0 and r["grad_norm"] > 0 for r in rows[1:])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_update_reads_the_old_logprobs_from_its_first_epoch(tmp_path, demo_corpus, demo_tokenizer, epochs):
+    """One forward per micro-batch and epoch, no separate old-policy pass (plus one per micro-batch of
+    the frozen reference when kl_coef > 0): the first epoch runs the weights the rollouts came from,
+    so its policy ratio is exactly 1 (nothing clipped, approx. KL 0) and it makes the logged entropy."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from rl.grpo import RolloutGroups
+    from rl.train import prompt_loader
+    from rl.update import update
+    from training.trainer import setup
+
+    cfg = compose(SMOKE + [f"data.root={demo_corpus}", f"run_dir={tmp_path}", f"rl.update_epochs={epochs}",
+                           "train.micro_batch_size=3"], config_name="grpo")
+    rl = rl_config(cfg.rl)
+    try:
+        run = setup(cfg, prompt_loader(rl))
+        calls = []
+        run.module.register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+        g = torch.Generator().manual_seed(0)
+        prompts = _prompts(demo_corpus, demo_tokenizer)
+        items = [SimpleNamespace(prompt=p, completions=[torch.randint(100, 4000, (n,), generator=g).tolist() for n in (3, 5)],
+                                 logprobs=[]) for p in prompts]
+        groups = RolloutGroups(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), items)
+        row = update(run, groups, rl, reference=None)
+        micro_batches = math.ceil(2 * len(prompts) / 3)
+        assert calls == [True] * (micro_batches * epochs)  # every pass trains: none is a no-grad old-policy pass
+        assert row["finite"] and row["grad_norm"] > 0 and row["entropy"] > 0
+        if epochs == 1:
+            assert row["clip_fraction"] == row["clip_fraction_lower"] == row["approx_kl"] == 0.0
+        else:  # the second epoch runs the stepped weights
+            assert row["approx_kl"] > 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
