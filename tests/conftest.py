@@ -3,18 +3,18 @@ and the order in which the files run."""
 
 import pytest
 
-# The longest files first (seconds on 2 cores of an Intel Xeon, 2026-12-02; the two pretraining files on
-# an AMD EPYC with a third of its GEMM speed, where the whole suite took 13 min): scripts/test.sh runs the
-# suite on 2 pytest workers, a file at a time each (--dist loadfile), and a long file started last
-# would leave one worker running it alone at the end. Only the order changes; every file still runs.
-LONGEST_FIRST = ("training/test_pretrain.py",  # ~310 s on the AMD EPYC
-                 "training/test_preemption.py",  # ~200 s on the AMD EPYC (was one file with the above: ~250 s on the Xeon)
-                 "rl/test_grpo_learning.py",  # ~110 s
+# The longest files first (CPU seconds of each file's processes on the 2 cores of an AMD EPYC with AVX-512,
+# 2026-12-04; 1,180 s in all): scripts/test.sh runs the suite on 2 pytest workers, a file at a time each
+# (--dist loadfile), and a long file started last would leave one worker running it alone at the end.
+# Only the order changes; every file still runs.
+LONGEST_FIRST = ("training/test_preemption.py",  # ~210 s
+                 "rl/test_grpo_learning.py",  # ~165 s
+                 "training/test_pretrain.py",  # ~110 s (with a cold inductor cache: +40 s)
                  "training/test_sft.py",  # ~100 s
-                 "training/test_launchers.py",  # ~80 s
-                 "training/test_curriculum.py",  # ~70 s
-                 "rl/test_grpo_loop.py",  # ~50 s
-                 "model/test_fp8_training.py")  # ~50 s
+                 "rl/test_grpo_loop.py",  # ~85 s
+                 "model/test_fp8_training.py",  # ~80 s
+                 "training/test_curriculum.py",  # ~76 s
+                 "data/test_loader.py")  # ~60 s
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """The GRPO loop: log-probs of packed rollouts, loss normalization across micro-batches and ranks, the
-`rl:` config, and `launch/grpo.py` on 2 ranks over gloo (metrics, exact resume, DeepSpeed)."""
+`rl:` config, and `launch/grpo.py` on 2 ranks over gloo (metrics, exact resume across torchrun and
+`accelerate launch`, DeepSpeed ZeRO-2 under DeepSpeed's launcher and ZeRO-3)."""
 
 import math
 
@@ -141,7 +142,8 @@ def _check_row(row, grpo):
 def test_grpo_launcher_two_ranks_metrics_and_exact_resume(tmp_path, demo_corpus):
     common = SMOKE + [f"data.root={demo_corpus}"]
     launch("grpo.py", common + [f"run_dir={tmp_path / 'straight'}"], nproc=2)
-    launch("grpo.py", common + [f"run_dir={tmp_path / 'resumed'}", "train.stop_after=2"], nproc=2)
+    # stopped under `accelerate launch`, resumed under torchrun: the same run as the straight one, exactly
+    launch("grpo.py", common + [f"run_dir={tmp_path / 'resumed'}", "train.stop_after=2"], nproc=2, launcher="accelerate")
     assert (tmp_path / "resumed" / "checkpoints" / "step_2").is_dir()
     launch("grpo.py", common + [f"run_dir={tmp_path / 'resumed'}"], nproc=2)
 
@@ -160,16 +162,21 @@ def test_grpo_launcher_two_ranks_metrics_and_exact_resume(tmp_path, demo_corpus)
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
 
 
-def test_grpo_runs_under_deepspeed_zero3(tmp_path, demo_corpus):
-    """Partitioned weights, gathered once per rollout phase and per evaluation (ZeRO-2, which keeps
-    them whole, runs in tests/training/test_launchers.py under DeepSpeed's launcher). DeepSpeed builds
-    no C++ op on CPU (its shared-memory all-reduce took 40 s to compile at the first run on a machine)."""
+@pytest.mark.parametrize("stage,launcher", [(2, "deepspeed"), (3, "torchrun")])
+def test_grpo_runs_under_deepspeed(tmp_path, demo_corpus, stage, launcher):
+    """ZeRO-2 under DeepSpeed's launcher (`deepspeed --num_gpus 2 launch/grpo.py`: rollouts decode on the
+    module itself, whole on every rank) and ZeRO-3 under torchrun (partitioned weights, gathered once per
+    rollout phase and per evaluation). DeepSpeed builds no C++ op on CPU (its shared-memory all-reduce
+    took 40 s to compile at the first run on a machine)."""
     extensions = tmp_path / "torch_extensions"
-    launch("grpo.py", SMOKE + [f"data.root={demo_corpus}", f"run_dir={tmp_path}", "train.steps=2",
-                               "parallel.engine=deepspeed", "parallel.zero_stage=3"], nproc=2,
-           env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    run_dir = tmp_path / "run"
+    launch("grpo.py", SMOKE + [f"data.root={demo_corpus}", f"run_dir={run_dir}", "train.steps=2",
+                               "parallel.engine=deepspeed", f"parallel.zero_stage={stage}"], nproc=2,
+           env={"TORCH_EXTENSIONS_DIR": str(extensions)}, launcher=launcher)
     assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))
-    rows = metrics(tmp_path)
+    assert OmegaConf.load(run_dir / "config.yaml").parallel.zero_stage == stage
+    assert (run_dir / "checkpoints" / "step_2" / "ds").is_dir()
+    rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[1:])
     assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]
     assert any(r["num_train_groups"] > 0 and r["grad_norm"] > 0 for r in rows[1:])

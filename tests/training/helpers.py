@@ -23,15 +23,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
+
+
 def launch(script: str, overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 300, popen: bool = False,
-           env: dict | None = None):
-    """`torchrun --nproc_per_node N launch/<script> overrides...` (plain python for N=0); `env` adds variables."""
+           env: dict | None = None, launcher: str = "torchrun"):
+    """`torchrun --nproc_per_node N launch/<script> overrides...` (plain python for N=0), or the same N
+    processes started by DeepSpeed's launcher (`deepspeed --num_gpus N`) or by `accelerate launch`
+    (`launcher`); a launcher only starts processes: the engine is `parallel.engine`'s. `env` adds
+    variables."""
     env = {**ENV, **(env or {})}
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), str(ROOT / "launch" / script), *overrides]
+    port = str(free_port())
+    if launcher not in LAUNCHERS or (launcher != "torchrun" and not nproc):
+        raise ValueError(f"launcher={launcher!r} with nproc={nproc}: expected one of {LAUNCHERS} with nproc >= 1")
+    if not nproc:
+        prefix = []
+    elif launcher == "torchrun":
+        prefix = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+    elif launcher == "deepspeed":
+        prefix = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
     else:
-        cmd = [sys.executable, str(ROOT / "launch" / script), *overrides]
+        prefix = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
+                  "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    cmd = [sys.executable, *prefix, str(ROOT / "launch" / script), *overrides]
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -79,30 +93,37 @@ class ListLoader:
         self.i = sd["i"]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], batches_path: str):
+def _worker(rank: int, world: int, port: int, runs: list[list[str]], batches_path: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), WANDB_MODE="disabled")
     torch.set_num_threads(1)
+    import gc
+
     from launch.common import finish
     from training.evaluate import heldout_loss
     from training.trainer import setup, train
 
-    cfg = compose(overrides)
     batches = torch.load(batches_path, weights_only=False)
-    run = setup(cfg, lambda cfg, d, tok: ListLoader(batches, d.dp_rank, d.dp))
-    train(run, evaluate=heldout_loss)  # when eval.every > 0
-    if cfg.export.hf:
-        from training.export import export_hf
+    for overrides in runs:  # one after the other in this process group, each from its own seeded set-up
+        cfg = compose(overrides)
+        run = setup(cfg, lambda cfg, d, tok: ListLoader(batches, d.dp_rank, d.dp))
+        train(run, evaluate=heldout_loss)  # when eval.every > 0
+        if cfg.export.hf:
+            from training.export import export_hf
 
-        export_hf(run)
+            export_hf(run)
+        del run
+        gc.collect()
+        torch._dynamo.reset()  # a compiled run leaves no compiled code to the next one
     finish()  # as the launchers end: interpreter shutdown after DeepSpeed occasionally aborts (SIGABRT) on CPU
 
 
-def run_workers(world: int, overrides: list[str], batches_path) -> list[dict]:
-    """Train in `world` spawned processes on fixed batches; returns the logged metric rows."""
+def run_workers(world: int, runs: list[list[str]], batches_path) -> list[list[dict]]:
+    """Train each run (a list of overrides) on fixed batches, one after the other, in the same `world`
+    spawned processes (one start-up for all: ~5 s of CPU per process); returns each run's logged metric
+    rows. A run that resumes another belongs in a later call: a resume is tested from a fresh process."""
     import torch.multiprocessing as mp
 
-    run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
-    mp.start_processes(_worker, args=(world, free_port(), overrides, str(batches_path)), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, free_port(), runs, str(batches_path)), nprocs=world, join=True,
                        start_method="spawn")
-    return metrics(run_dir)
+    return [metrics(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))) for overrides in runs]

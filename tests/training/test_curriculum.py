@@ -1,5 +1,8 @@
 """Stage 1 then stage 2 of the pretraining curriculum on the demo corpus with the tiny model:
-stage 1 on FSDP2, stage 2 on DeepSpeed starting from stage 1's checkpoint (2 ranks each)."""
+stage 1 on FSDP2 under torchrun, stage 2 on DeepSpeed (ZeRO-2) under DeepSpeed's launcher starting from
+stage 1's checkpoint (2 ranks each)."""
+
+from omegaconf import OmegaConf
 
 from .helpers import launch, metrics
 
@@ -11,7 +14,9 @@ def test_stage1_then_stage2_learn(tmp_path, demo_corpus):
                                     "train.warmup_steps=10"], nproc=2, timeout=600)
     launch("pretrain.py", common + ["+recipe=stage2", f"run_dir={tmp_path / 's2'}", f"init_from={tmp_path / 's1'}",
                                     "train.steps=50", "eval.every=50", "parallel.engine=deepspeed", "train.warmup_steps=5"],
-           nproc=2, timeout=600)
+           nproc=2, timeout=600, launcher="deepspeed")  # `deepspeed --num_gpus 2 launch/pretrain.py ...`
+    assert OmegaConf.load(tmp_path / "s2" / "config.yaml").parallel.engine == "deepspeed"
+    assert (tmp_path / "s2" / "checkpoints" / "step_50" / "ds").is_dir()  # DeepSpeed's own checkpoint layout
     s1 = [r for r in metrics(tmp_path / "s1") if "eval/loss" in r]
     s2 = [r for r in metrics(tmp_path / "s2") if "eval/loss" in r]
     print("stage1 held-out", [round(r["eval/loss"], 3) for r in s1], "stage2", [round(r["eval/loss"], 3) for r in s2])

@@ -1,13 +1,15 @@
-"""Resume and preemption of a 2-rank pretraining run: a stopped run resumes bitwise, a killed rank
-fails the job fast and the rerun loses nothing, two "nodes" equal one, and SIGTERM as schedulers
-deliver it checkpoints every rank and resumes exactly. (Split from test_pretrain.py so that the two
-pytest workers share the suite's longest tests.)"""
+"""Resume and preemption of a 2-rank pretraining run: a stopped run resumes bitwise (stopped under
+`accelerate launch`, resumed under torchrun), a killed rank fails the job fast and the rerun loses
+nothing, two "nodes" equal one, and SIGTERM as schedulers deliver it checkpoints every rank and
+resumes exactly. (Split from test_pretrain.py so that the two pytest workers share the suite's
+longest tests.)"""
 
 import signal
 import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from .helpers import TINY, launch, metrics
 
@@ -31,9 +33,13 @@ def straight_run(tmp_path_factory, demo_corpus):
 
 
 def test_resume_is_bitwise_and_export_loads_in_transformers(tmp_path, demo_corpus, straight_run):
+    """Stopped after step 4 under `accelerate launch` and resumed under torchrun, the run is the straight
+    torchrun run bitwise: accelerate starts the same 2-rank FSDP2 run, step for step (a launcher only
+    starts processes: the engine is parallel.engine's)."""
     common = _preemptible(tmp_path, demo_corpus) + [f"run_dir={tmp_path / 'resumed'}"]
-    launch("pretrain.py", common + ["train.stop_after=4"], nproc=2)
+    launch("pretrain.py", common + ["train.stop_after=4"], nproc=2, launcher="accelerate")
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+    assert OmegaConf.load(tmp_path / "resumed" / "config.yaml").parallel.engine == "fsdp2"
     launch("pretrain.py", common + ["export.hf=true"], nproc=2)
     resumed = metrics(tmp_path / "resumed")
     assert [r["loss"] for r in straight_run] == [r["loss"] for r in resumed]  # bitwise

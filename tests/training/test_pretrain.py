@@ -51,15 +51,18 @@ def test_fsdp2_two_ranks_match_one_process_and_deepspeed(tmp_path, fixed_batches
     written whole) and its Hugging Face export hold the same weights. Inductor's kernels are checked in
     one process (a cold inductor compile costs ~45 s of CPU per process, and two ranks compile the same
     graphs side by side); FSDP2 with compiled blocks on 2 ranks, the graphs inductor would receive, is
-    test_context_parallel_training_matches_one_process's allgather run (aot_eager)."""
+    test_context_parallel_training_matches_one_process's allgather run (aot_eager). The runs of one
+    process count share their processes (helpers.run_workers); the ZeRO-3 resume starts new ones."""
     accum = "train.grad_accum=2"
-    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, accum), fixed_batches)
-    compiled = run_workers(1, _overrides(tmp_path, "compiled", demo_corpus, accum, "train.compile=true"), fixed_batches)
-    two = run_workers(2, _overrides(tmp_path, "fsdp", demo_corpus), fixed_batches)
-    ds = run_workers(2, _overrides(tmp_path, "ds", demo_corpus, "parallel.engine=deepspeed"), fixed_batches)
+    one, compiled = run_workers(1, [_overrides(tmp_path, "one", demo_corpus, accum),
+                                    _overrides(tmp_path, "compiled", demo_corpus, accum, "train.compile=true")],
+                                fixed_batches)
     zero3 = _overrides(tmp_path, "z3", demo_corpus, "parallel.engine=deepspeed", "parallel.zero_stage=3")
-    assert [r["step"] for r in run_workers(2, zero3 + ["train.stop_after=2"], fixed_batches)] == [1, 2]
-    z3 = run_workers(2, zero3 + ["export.hf=true"], fixed_batches)
+    two, ds, stopped = run_workers(2, [_overrides(tmp_path, "fsdp", demo_corpus),
+                                       _overrides(tmp_path, "ds", demo_corpus, "parallel.engine=deepspeed"),
+                                       zero3 + ["train.stop_after=2"]], fixed_batches)
+    assert [r["step"] for r in stopped] == [1, 2]
+    (z3,) = run_workers(2, [zero3 + ["export.hf=true"]], fixed_batches)  # resumed in new processes
     assert len(one) == len(two) == len(ds) == len(z3) == len(compiled) == 4
     assert one[-1]["lm_loss"] < one[0]["lm_loss"] - 0.05  # it trains
     for a, b, c, z, k in zip(one, two, ds, z3, compiled):
@@ -94,12 +97,13 @@ def test_context_parallel_training_matches_one_process(tmp_path, batches_with_an
     and MLPs), which aot_eager traces as inductor does; inductor's kernels are checked against eager in
     test_fsdp2_two_ranks_match_one_process_and_deepspeed (a cold inductor compile costs ~40 s here)."""
     evaluate = ["eval.every=2", "eval.batches=1"]  # held-out loss of whole sequences on a cp-patched model
-    one = run_workers(1, _overrides(tmp_path, "one", demo_corpus, *evaluate), batches_with_an_image_free_step)
-    for impl, engine, compiled in (("allgather", "fsdp2", True), ("ulysses", "deepspeed", False)):
-        cp = run_workers(2, _overrides(tmp_path, impl, demo_corpus, "parallel.cp=2", f"parallel.cp_impl={impl}",
-                                       f"parallel.engine={engine}", f"train.compile={compiled}",
-                                       "train.compile_backend=aot_eager", *evaluate),
-                         batches_with_an_image_free_step)
+    (one,) = run_workers(1, [_overrides(tmp_path, "one", demo_corpus, *evaluate)], batches_with_an_image_free_step)
+    kernels = (("allgather", "fsdp2", True), ("ulysses", "deepspeed", False))
+    runs = run_workers(2, [_overrides(tmp_path, impl, demo_corpus, "parallel.cp=2", f"parallel.cp_impl={impl}",
+                                      f"parallel.engine={engine}", f"train.compile={compiled}",
+                                      "train.compile_backend=aot_eager", *evaluate) for impl, engine, compiled in kernels],
+                       batches_with_an_image_free_step)
+    for (impl, _, _), cp in zip(kernels, runs):
         assert len(one) == len(cp) == 5  # step 0 (evaluation only), 1..4
         assert [k for k in one[2] if k.startswith("eval/")] == [k for k in cp[2] if k.startswith("eval/")] != []
         for key in (k for r in one for k in r if k.startswith("eval/")):

@@ -1,10 +1,8 @@
 """SFT: the curriculum under DeepSpeed's launcher raises held-out exact match over a briefly pretrained
-tiny model (initialized from its Hugging Face export); FSDP2 under torchrun resumes mid-curriculum in
-the right stage; the plan (mixtures, steps, LRs) and the chat forms and masks the data feeds it."""
+tiny model (initialized from its Hugging Face export); FSDP2 stopped under torchrun resumes
+mid-curriculum in the right stage under `accelerate launch`; the plan (mixtures, steps, LRs) and the chat forms and masks the data feeds it."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -12,7 +10,7 @@ from omegaconf import OmegaConf
 from data.schema import Message, Sample, image, text
 from data.text import IGNORE, render_chat, tokenize_sample
 
-from .helpers import ENV, ROOT, TINY, compose, free_port, launch, metrics
+from .helpers import TINY, compose, launch, metrics
 
 SFT_STAGES = ("sft.stages=[{name: general, mixture: {chat: 0.6, math: 0.2, counting: 0.1, caption: 0.1}, steps: 60},"
               "{name: reasoning, mixture: {chat: 0.5, math: 0.5}, steps: 40, lr_scale: 0.5}]")
@@ -42,23 +40,16 @@ def pretrained(tmp_path_factory, sft_corpus):
     return run_dir
 
 
-def _deepspeed(overrides, nproc=2, timeout=600):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "launch" / "sft.py"), *overrides]
-    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
 def test_deepspeed_sft_curriculum_raises_heldout_exact_match(tmp_path, sft_corpus, pretrained):
     """`deepspeed --num_gpus 2 launch/sft.py +recipe=sft ...` from the Hugging Face export of the
     pretrained model: a two-stage curriculum (its 60 + 40 steps scaled to train.steps=60)."""
     run_dir = tmp_path / "sft"
-    _deepspeed(TINY + ["+recipe=sft", "parallel.engine=deepspeed", f"run_dir={run_dir}", f"data.root={sft_corpus}",
+    launch("sft.py", TINY + ["+recipe=sft", "parallel.engine=deepspeed", f"run_dir={run_dir}", f"data.root={sft_corpus}",
                        f"init_from={pretrained / 'hf'}",
                        "data.seq_len=256", "train.micro_batch_size=4", "train.steps=60", "train.lr=3e-3",
                        "checkpoint.every=1000", SFT_STAGES, "sft.generation_eval.tasks=[math,digits,counting]",
-                       "sft.generation_eval.limit_per_task=64", "sft.generation_eval.max_new_tokens=40", "eval.batches=2"])
+                       "sft.generation_eval.limit_per_task=64", "sft.generation_eval.max_new_tokens=40", "eval.batches=2"],
+           nproc=2, timeout=600, launcher="deepspeed")
     stage_cfg = OmegaConf.load(run_dir / "stages" / "1-general" / "config.yaml")
     assert stage_cfg.parallel.engine == "deepspeed" and stage_cfg.parallel.zero_stage == 2 and stage_cfg.model.name == "tiny"
     assert (run_dir / "stages" / "1-general" / "checkpoints" / "step_36").is_dir()  # the stage boundary
@@ -84,10 +75,11 @@ def test_deepspeed_sft_curriculum_raises_heldout_exact_match(tmp_path, sft_corpu
     assert final["gen/math"] >= init["gen/math"] and final["gen/digits"] >= init["gen/digits"]
 
 
-def test_torchrun_fsdp2_curriculum_resumes_in_the_right_stage(tmp_path, demo_corpus):
-    """The same launcher under torchrun trains with FSDP2 and evaluates generation on the sharded model;
-    stopped inside stage 2 and run again, it resumes stage 2 from its checkpoint and exports the
-    final model; `init_from=<run_dir>` of a finished curriculum is its last checkpoint."""
+def test_fsdp2_curriculum_resumes_in_the_right_stage_under_another_launcher(tmp_path, demo_corpus):
+    """The same script under torchrun trains with FSDP2 and evaluates generation on the sharded model;
+    stopped inside stage 2 and run again under `accelerate launch`, it resumes stage 2 from its
+    checkpoint (a launcher only starts processes: the engine stays FSDP2) and exports the final model;
+    `init_from=<run_dir>` of a finished curriculum is its last checkpoint."""
     from training.checkpoint import resolve_init_from
 
     run_dir = tmp_path / "sft"
@@ -98,8 +90,9 @@ def test_torchrun_fsdp2_curriculum_resumes_in_the_right_stage(tmp_path, demo_cor
     launch("sft.py", common + ["train.stop_after=3"], nproc=2)
     assert [r["stage"] for r in metrics(run_dir)] == ["one", "one", "one", "two"]
     assert not (run_dir / "checkpoints").exists()  # not finished: no final checkpoint link yet
-    launch("sft.py", common + ["export.hf=true"], nproc=2)
+    launch("sft.py", common + ["export.hf=true"], nproc=2, launcher="accelerate")
     assert OmegaConf.load(run_dir / "stages" / "1-one" / "config.yaml").parallel.engine == "fsdp2"
+    assert OmegaConf.load(run_dir / "stages" / "2-two" / "config.yaml").parallel.engine == "fsdp2"  # accelerate's
     rows = metrics(run_dir)
     assert [(r["step"], r["stage"], r["stage_step"]) for r in rows] == [
         (0, "one", 0), (1, "one", 1), (2, "one", 2), (3, "two", 1), (4, "two", 2)]
