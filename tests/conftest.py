@@ -4,17 +4,17 @@ and the order in which the files run."""
 import pytest
 
 # The longest files first (CPU seconds of each file's processes on the 2 cores of an AMD EPYC with AVX-512,
-# 2026-12-04; 1,180 s in all): scripts/test.sh runs the suite on 2 pytest workers, a file at a time each
-# (--dist loadfile), and a long file started last would leave one worker running it alone at the end.
-# Only the order changes; every file still runs.
-LONGEST_FIRST = ("training/test_preemption.py",  # ~210 s
-                 "rl/test_grpo_learning.py",  # ~165 s
-                 "training/test_pretrain.py",  # ~110 s (with a cold inductor cache: +40 s)
-                 "training/test_sft.py",  # ~100 s
-                 "rl/test_grpo_loop.py",  # ~85 s
-                 "model/test_fp8_training.py",  # ~80 s
-                 "training/test_curriculum.py",  # ~76 s
-                 "data/test_loader.py")  # ~60 s
+# 2026-12-04, inductor's cache emptied first; 1,006 s in all): scripts/test.sh runs the suite on 2 pytest
+# workers, a file at a time each (--dist loadfile), and a long file started last would leave one worker
+# running it alone at the end. Only the order changes; every file still runs.
+LONGEST_FIRST = ("training/test_preemption.py",  # ~185 s
+                 "training/test_pretrain.py",  # ~160 s (~110 s with inductor's cache warm)
+                 "rl/test_grpo_learning.py",  # ~140 s
+                 "training/test_sft.py",  # ~115 s
+                 "rl/test_grpo_loop.py",  # ~95 s
+                 "training/test_curriculum.py",  # ~73 s
+                 "model/test_fp8_training.py",  # ~71 s
+                 "data/test_loader.py")  # ~47 s
 
 
 def pytest_collection_modifyitems(config, items):
