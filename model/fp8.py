@@ -184,6 +184,29 @@ def apply_fp8(model: nn.Module, mode: str, module_filter: Optional[list[str]] = 
     return names
 
 
+def check_fp8_device(mode: str, scaling: str, device: torch.device | str) -> None:
+    """Fail at start-up, naming the keys, where this device's FP8 GEMM (`torch._scaled_mm`, what
+    torchao's linears call) cannot run the configured scaling: CPU builds before torch 2.13 take one
+    scale per operand only (torch 2.11 answers rowwise scales with an internal assert, mid-step), GPUs
+    before compute capability 8.9 have no FP8 GEMM. One 16 x 16 GEMM on `device` tells."""
+    if mode != "torchao":
+        return  # emulated runs anywhere; te checks its own hardware when it builds its linears
+    a = torch.ones(16, 16, device=device).to(E4M3)
+    b = torch.ones(16, 16, device=device).to(E4M3).t()  # column-major, as _scaled_mm wants its second operand
+    if scaling == "rowwise":
+        scales = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
+    else:
+        scales = torch.ones((), device=device), torch.ones((), device=device)
+    try:
+        torch._scaled_mm(a, b, scale_a=scales[0], scale_b=scales[1], out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        hint = ("model.fp8_scaling=tensorwise (one scale per operand)" if scaling == "rowwise" else
+                "a GPU of compute capability 8.9+ (H100, L40S, ...)")
+        raise ValueError(f"model.fp8=torchao with model.fp8_scaling={scaling}: torch {torch.__version__} cannot run "
+                         f"this FP8 GEMM on {torch.device(device).type} ({str(e).splitlines()[0][:200]}); use {hint}, "
+                         "or model.fp8=emulated (the numerical reference, in any precision)") from e
+
+
 def _not_16_aligned(linear: nn.Linear) -> bool:
     return linear.in_features % 16 != 0 or linear.out_features % 16 != 0
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from model.fp8 import apply_fp8
+from model.fp8 import apply_fp8, check_fp8_device
 from model.vlm import Exaone45
 
 from . import checkpoint as ckpt
@@ -85,6 +85,7 @@ def parallelize(module: Exaone45, cfg, d: Dist) -> Exaone45:
     # would train the tower differently from N; and the optimizer state covers every parameter from the
     # first step, as a checkpoint's must for resuming.
     module.vision_in_every_step = True
+    check_fp8_device(mcfg.fp8, mcfg.fp8_scaling, d.device)  # before any work: a clear error naming the key
     apply_fp8(module, mcfg.fp8, mcfg.fp8_modules, mcfg.fp8_scaling)
     if d.cp > 1:
         from .context_parallel import apply_context_parallel

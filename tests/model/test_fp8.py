@@ -378,3 +378,31 @@ def test_torchao_trains_like_the_emulation(torchao_float8, scaling):
     assert l_t[-1] < l_t[0] - 0.5  # it learns: 2.30 -> 1.51
     assert rel(l_t, l_e) < loss_bound and rel(l_t, l_e) < rel(l_32, l_e), (l_t, l_e, l_32)
     assert rel_err(g_t[0], g_e[0]) < grad_bound and rel_err(g_t[0], g_e[0]) < rel_err(g_32[0], g_e[0]) / 3
+
+
+def test_an_fp8_gemm_the_device_cannot_run_fails_at_start_up_naming_the_key(monkeypatch):
+    """torch 2.11's CPU `_scaled_mm` takes one scale per operand (rowwise scales hit an internal assert,
+    the first step of a run); torch 2.13's here takes both. With the older kernel's behaviour in place,
+    a rowwise torchao config fails in `build_module`, before any work, naming model.fp8_scaling;
+    tensorwise and the emulated mode still build."""
+    from model.fp8 import check_fp8_device
+    from tests.training.helpers import TINY, compose
+    from training.distributed import Dist
+    from training.parallelize import build_module
+
+    for scaling in ("tensorwise", "rowwise"):
+        check_fp8_device("torchao", scaling, "cpu")  # this torch runs both
+    scaled_mm = torch._scaled_mm
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kw):  # torch 2.11's CPU kernel
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+        return scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    one = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), dp=1, cp=1)
+    whole = ["parallel.engine=deepspeed"]  # ZeRO-2: the module is built whole (FSDP2 would need a process group)
+    with pytest.raises(ValueError, match=r"model.fp8_scaling=rowwise.*per-tensor.*model.fp8_scaling=tensorwise"):
+        build_module(compose(TINY + ["model.fp8=torchao", "model.fp8_scaling=rowwise", *whole]), one)
+    check_fp8_device("torchao", "tensorwise", "cpu")
+    assert build_module(compose(TINY + ["model.fp8=emulated", "model.fp8_scaling=rowwise", *whole]), one) is not None
