@@ -103,8 +103,8 @@ def _sequences(groups: RolloutGroups, rl: RLCfg) -> list[tuple]:
 def update(run, groups: RolloutGroups, rl: RLCfg, reference=None) -> dict:
     """`update_epochs` optimizer steps over this rank's sequences, every rank running the same number
     of micro-batches (zero-loss ones where it has none); the old log-probs are the first epoch's
-    (detached), the reference's come from one pass before it. Returns the step's metrics over all ranks, with `finite` (every update stepped) and
-    `tokens` (packed tokens of one pass).
+    (detached), the reference's come from one pass before it. Returns the step's metrics over all
+    ranks, with `finite` (every update stepped) and `tokens` (packed tokens of one pass).
 
     `rollout/logprob_diff_max`: the largest |log-prob the rollout engine sampled a token with - the
     old log-prob recomputed here| over the trained tokens of every rank, the check that the engine
