@@ -74,9 +74,17 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if grad:
         losses, entropies = _TokenLinearCE.apply(h, weight, t, chunk, scale, entropy)
     else:
-        stats = [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, chunk)]
+        stats = _stats(h, weight, t, chunk, scale, entropy)
         losses, entropies = _cat([x[0] for x in stats], h), _cat([x[1] for x in stats], h) if entropy else None
     return losses, valid, entropies if entropy else None, losses.sum()
+
+
+def _stats(h, weight, t, chunk: int, scale: float, entropy: bool) -> list:
+    """`_chunk_stats` over chunks of rows. The entropy needs two [rows x vocab] fp32 buffers (e and z -
+    max): it runs on half-chunks, so its forward holds what one chunk's loss alone does (GRPO logs the
+    entropy every step, from its first epoch's forward, while that epoch's activations are held)."""
+    rows = max(1, chunk // 2) if entropy else chunk
+    return [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, rows)]
 
 
 def _chunks(h: torch.Tensor, t: torch.Tensor, chunk: int):
@@ -142,7 +150,7 @@ class _TokenLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, t, chunk: int, scale: float, entropy: bool):
-        stats = [_chunk_stats(hc, weight, tc, scale, entropy) for hc, tc in _chunks(h, t, chunk)]
+        stats = _stats(h, weight, t, chunk, scale, entropy)
         losses, lse = _cat([x[0] for x in stats], h), _cat([x[2] for x in stats], h)
         ent = _cat([x[1] for x in stats], h) if entropy else h.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(h, weight, t, lse, ent)

@@ -52,7 +52,8 @@ Estimate, per rank, in parts (bench/memory_model.py checks them against one meas
   GRPO's training phase (`per_token_loss`: per-token log-probs, each chunk's logits recomputed in
   backward from its saved log-sum-exp): that chunk once in fp32 (twice with the entropy bonus, whose
   gradient needs log p beside p) next to one compute-dtype copy, the LM head's weight gradient and
-  the hidden states' gradient in the compute dtype.
+  the hidden states' gradient in the compute dtype. The logged entropy (every step, made in the first
+  epoch's forward) runs on half-chunks, two fp32 buffers each: one chunk's worth.
 """
 
 from __future__ import annotations
