@@ -43,10 +43,12 @@ def test_summed_loss_and_gradients_equal_autograd(chunk, scale):
     torch.testing.assert_close(no_grad[3], total.detach(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("entropy", [False, "metric", True])
 def test_per_token_losses_entropies_and_gradients_equal_autograd(entropy):
     """RL's path (model.vlm._TokenLinearCE): every token's loss and entropy weighted by its own number,
-    against autograd through log-softmax over the whole logits."""
+    against autograd through log-softmax over the whole logits; "metric": the entropy is made but left
+    out of the loss (GRPO's logged entropy), which changes no gradient."""
+    weighted = entropy is True
     h, w, t = _inputs(seed=2)
     valid = t.reshape(-1) != -100
     g = torch.Generator().manual_seed(3)
@@ -55,23 +57,49 @@ def test_per_token_losses_entropies_and_gradients_equal_autograd(entropy):
     log_p = (F.linear(ref_h.reshape(-1, 16)[valid], ref_w) * 0.8).log_softmax(-1)
     ref_losses = -log_p.gather(1, t.reshape(-1)[valid, None]).squeeze(1)
     ref_ent = -(log_p.exp() * log_p).sum(-1)
-    ((a * ref_losses).sum() + ((b * ref_ent).sum() if entropy else 0)).backward()
+    ((a * ref_losses).sum() + ((b * ref_ent).sum() if weighted else 0)).backward()
 
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    losses, mask, ent, _ = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=entropy)
-    assert torch.equal(mask, valid) and (ent is not None) == entropy
+    losses, mask, ent, _ = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=bool(entropy))
+    assert torch.equal(mask, valid) and (ent is not None) == bool(entropy)
     torch.testing.assert_close(losses, ref_losses.detach(), rtol=1e-6, atol=1e-6)
     if entropy:
         torch.testing.assert_close(ent, ref_ent.detach(), rtol=1e-5, atol=1e-6)
-    ((a * losses).sum() + ((b * ent).sum() if entropy else 0)).backward()
+    ((a * losses).sum() + ((b * ent).sum() if weighted else 0)).backward()
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
 
     with torch.no_grad():
-        no_grad = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=entropy)
+        no_grad = chunked_cross_entropy(h, w, t, 7, 0.8, entropy=bool(entropy))
     torch.testing.assert_close(no_grad[0], losses.detach(), rtol=1e-6, atol=1e-6)
     if entropy:
         torch.testing.assert_close(no_grad[2], ent.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_entropy_forward_holds_one_chunks_worth_of_logits():
+    """The entropy needs two [rows x vocab] fp32 buffers side by side (e and z - max), so its forward
+    runs on half-chunks: the most [rows x vocab] fp32 elements any one op makes is one chunk's, with
+    or without the entropy (GRPO makes it in its first epoch's forward, next to the held activations)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestLogits(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out) if not func.is_view else ():  # new buffers only (not the weight's .t())
+                if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == vocab and x.dtype == torch.float32:
+                    self.rows = max(self.rows, x.shape[0])
+            return out
+
+    vocab, chunk = 50, 8
+    h, w, t = _inputs(seed=4, tokens=40, vocab=vocab)
+    for entropy in (False, True):
+        with LargestLogits() as seen:
+            losses, _, ent, _ = chunked_cross_entropy(h.clone().requires_grad_(), w.clone().requires_grad_(), t, chunk,
+                                                      entropy=entropy)
+        assert seen.rows == (chunk // 2 if entropy else chunk), (entropy, seen.rows)
 
 
 def test_summed_loss_frozen_head_and_one_backward():
