@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, port: int, runs: list[list[str]], batches_pat
 
 def run_workers(world: int, runs: list[list[str]], batches_path) -> list[list[dict]]:
     """Train each run (a list of overrides) on fixed batches, one after the other, in the same `world`
-    spawned processes (one start-up for all: ~5 s of CPU per process); returns each run's logged metric
+    spawned processes (one start-up for all: seconds of CPU per process); returns each run's logged metric
     rows. A run that resumes another belongs in a later call: a resume is tested from a fresh process."""
     import torch.multiprocessing as mp
 
